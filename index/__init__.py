@@ -1,0 +1,1 @@
+"""Dense nearest-neighbour retrieval: features, patch labels, FAISS support indices, label transfer, mIoU."""
