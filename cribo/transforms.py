@@ -1,0 +1,316 @@
+"""Two global views of one image, each patch tagged with its centre in original-image pixels.
+
+CrIBo (Sec. 3.2.1, App. B) clusters the patch tokens of BOTH views jointly and biases the clustering
+with positional cues: every patch of a view carries the (x, y) coordinate of its centre in the frame
+of the ORIGINAL image, so the two views share one frame (CrOC Fig. 4). The reference implementation
+obtains these by resampling a 10000 x 10000 coordinate grid with each crop (~800 MB per worker); here
+they are computed analytically from the crop box and the flip (:func:`patch_centres`).
+
+Augmentations follow DINO's two global crops (method reference, "Data"):
+
+- RandomResizedCrop(img_size, scale, ratio=(3/4, 4/3), bicubic), horizontal flip p=0.5;
+- colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) p=0.8, random order;
+- grayscale p=0.2;
+- gaussian blur, sigma ~ U(0.1, 2.0), p=1.0 on view 1 and p=0.1 on view 2;
+- solarize (threshold 128) p=0.2 on view 2 only;
+- ImageNet normalisation.
+
+All randomness is drawn from torch: the global RNG by default (so ``DataLoader`` worker seeding makes
+a run reproducible) or an explicit ``torch.Generator`` (:meth:`TwoViewTransform.sample`, used by the
+app to show the views of a given seed). Every random parameter of a view is drawn up front, in a fixed
+order, into a :class:`ViewParams` record, then applied; the record is returned so the views can be
+redrawn or explained.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# (i, j, h, w): top row, left column, height, width of a crop, in original-image pixels.
+CropBox = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class ViewAugmentation:
+    """Probabilities and ranges of one view's photometric augmentations (DINO defaults)."""
+
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 1.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+
+#: DINO's first and second global views.
+VIEW1_AUG = ViewAugmentation(blur_p=1.0, solarize_p=0.0)
+VIEW2_AUG = ViewAugmentation(blur_p=0.1, solarize_p=0.2)
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Every random decision behind one view (drawn by :func:`draw_view_params`).
+
+    ``jitter_order`` is a permutation of (brightness, contrast, saturation, hue) = (0, 1, 2, 3);
+    the factors are those of ``torchvision.transforms.functional.adjust_*``. ``blur_sigma`` is
+    ``None`` when no blur is applied.
+    """
+
+    box: CropBox
+    flip: bool
+    jitter: bool
+    jitter_order: tuple[int, int, int, int]
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    grayscale: bool
+    blur_sigma: float | None
+    solarize: bool
+
+
+@dataclass(frozen=True)
+class TwoViews:
+    """Output of :meth:`TwoViewTransform.sample`.
+
+    view1, view2: (3, S, S) float32, ImageNet-normalised.
+    coords1, coords2: (N, 2) float32, N = (S/p)^2, the (x, y) centre of each patch in original-image
+        pixels, patches in row-major order (the ViT token order).
+    params1, params2: the random decisions (crop box, flip, photometric) of each view.
+    image_size: (width, height) of the original image.
+    """
+
+    view1: torch.Tensor
+    view2: torch.Tensor
+    coords1: torch.Tensor
+    coords2: torch.Tensor
+    params1: ViewParams
+    params2: ViewParams
+    image_size: tuple[int, int]
+
+    @property
+    def boxes(self) -> tuple[CropBox, CropBox]:
+        return self.params1.box, self.params2.box
+
+    @property
+    def flips(self) -> tuple[bool, bool]:
+        return self.params1.flip, self.params2.flip
+
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.view1, self.view2, self.coords1, self.coords2
+
+
+def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+    return float(torch.empty(1).uniform_(low, high, generator=generator))
+
+
+def _bernoulli(p: float, generator: torch.Generator | None) -> bool:
+    # Always consume one draw, whatever p, so the stream of draws has a fixed layout.
+    return bool(torch.rand(1, generator=generator).item() < p)
+
+
+def random_resized_crop_params(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    generator: torch.Generator | None = None,
+) -> CropBox:
+    """``torchvision.transforms.RandomResizedCrop.get_params`` with an optional generator.
+
+    Same algorithm and the same sequence of draws as torchvision's (10 tries of area ~ U(scale) and
+    log-aspect ~ U(log ratio), then the central-crop fallback), so with ``generator=None`` it returns
+    exactly what ``get_params`` returns from the same global RNG state (tested). torchvision's
+    version cannot take a generator, which the app needs for seeded, side-effect-free previews.
+    """
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
+            j = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+            return int(i), int(j), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def draw_view_params(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    aug: ViewAugmentation,
+    generator: torch.Generator | None = None,
+) -> ViewParams:
+    """Draw every random decision of one view, in a fixed order (crop, flip, jitter, gray, blur, solarize)."""
+    box = random_resized_crop_params(height, width, scale, generator=generator)
+    flip = _bernoulli(0.5, generator)
+    jitter = _bernoulli(aug.jitter_p, generator)
+    order = tuple(int(v) for v in torch.randperm(4, generator=generator))
+    brightness = _uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness, generator)
+    contrast = _uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast, generator)
+    saturation = _uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation, generator)
+    hue = _uniform(-aug.hue, aug.hue, generator)
+    grayscale = _bernoulli(aug.grayscale_p, generator)
+    blur = _bernoulli(aug.blur_p, generator)
+    sigma = _uniform(aug.blur_sigma[0], aug.blur_sigma[1], generator)
+    solarize = _bernoulli(aug.solarize_p, generator)
+    return ViewParams(
+        box=box, flip=flip, jitter=jitter, jitter_order=order,  # type: ignore[arg-type]
+        brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+        grayscale=grayscale, blur_sigma=sigma if blur else None, solarize=solarize,
+    )
+
+
+def patch_centres(box: CropBox, flip: bool, img_size: int, patch_size: int) -> torch.Tensor:
+    """(x, y) centre of every patch of a resized crop, in original-image pixels: (N, 2) float32.
+
+    The crop ``box = (i, j, h, w)`` (rows i..i+h, columns j..j+w of the original image, continuous
+    pixel frame with the image's top-left corner at 0) is resized to ``img_size`` x ``img_size``
+    and cut into ``img_size/patch_size`` patches per side, flattened row-major like ViT tokens.
+    Patch (row, col) has its centre at ``p*col + p/2`` view pixels from the left, hence
+
+        x = j + (p*col + p/2) * w / S          (x = j + w - (p*col + p/2) * w / S when flipped)
+        y = i + (p*row + p/2) * h / S
+
+    which replaces the reference's resampled 10000 x 10000 coordinate grid.
+    """
+    if img_size % patch_size:
+        raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
+    i, j, h, w = box
+    g = img_size // patch_size
+    centre = torch.arange(g, dtype=torch.float64) * patch_size + patch_size / 2  # view pixels
+    xs = j + centre * (w / img_size)
+    if flip:
+        xs = j + w - centre * (w / img_size)
+    ys = i + centre * (h / img_size)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (g, g): row index first
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1).float()
+
+
+def apply_geometry(img: Image.Image, box: CropBox, flip: bool, img_size: int) -> Image.Image:
+    """Crop ``box`` from ``img``, resize it to ``img_size`` (bicubic, as DINO) and flip it if asked."""
+    i, j, h, w = box
+    out = TF.resized_crop(img, i, j, h, w, [img_size, img_size], InterpolationMode.BICUBIC)
+    return TF.hflip(out) if flip else out
+
+
+def apply_photometric(img: Image.Image, params: ViewParams) -> Image.Image:
+    """Colour jitter (random order), grayscale, gaussian blur, solarize: DINO's order."""
+    if params.jitter:
+        for fn_id in params.jitter_order:
+            if fn_id == 0:
+                img = TF.adjust_brightness(img, params.brightness)
+            elif fn_id == 1:
+                img = TF.adjust_contrast(img, params.contrast)
+            elif fn_id == 2:
+                img = TF.adjust_saturation(img, params.saturation)
+            else:
+                img = TF.adjust_hue(img, params.hue)
+    if params.grayscale:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    if params.blur_sigma is not None:
+        img = img.filter(ImageFilter.GaussianBlur(radius=params.blur_sigma))
+    if params.solarize:
+        img = ImageOps.solarize(img, threshold=128)
+    return img
+
+
+def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, S, S) float32 normalised with the ImageNet mean and std."""
+    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def denormalize(view: torch.Tensor) -> torch.Tensor:
+    """Inverse of the ImageNet normalisation: (3, S, S) -> (3, S, S) in [0, 1] (for display)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=view.dtype, device=view.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=view.dtype, device=view.device)[:, None, None]
+    return (view * std + mean).clamp(0.0, 1.0)
+
+
+class TwoViewTransform:
+    """PIL image -> ``(view1 (3,S,S), view2 (3,S,S), coords1 (N,2), coords2 (N,2))``.
+
+    Args:
+        img_size: side S of both (square) global views; a multiple of ``patch_size``.
+        scale: RandomResizedCrop area range, as a fraction of the image (CrIBo: (0.25, 1.0)).
+        patch_size: ViT patch size p; N = (S/p)^2 coordinates per view.
+        photometric: apply DINO's photometric augmentations (default). ``False`` keeps only the
+            crop and flip (for visualisation and tests of the geometry).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        scale: tuple[float, float] = (0.25, 1.0),
+        patch_size: int = 16,
+        *,
+        photometric: bool = True,
+        view1_aug: ViewAugmentation = VIEW1_AUG,
+        view2_aug: ViewAugmentation = VIEW2_AUG,
+    ) -> None:
+        if img_size <= 0 or patch_size <= 0 or img_size % patch_size:
+            raise ValueError(
+                f"img_size={img_size} must be a positive multiple of patch_size={patch_size}"
+            )
+        if not (0.0 < scale[0] <= scale[1] <= 1.0):
+            raise ValueError(f"scale={scale} must satisfy 0 < min <= max <= 1")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.photometric = photometric
+        self.view_augs = (view1_aug, view2_aug)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def sample(self, img: Image.Image, generator: torch.Generator | None = None) -> TwoViews:
+        """Draw two views of ``img``; all randomness from ``generator`` (global torch RNG if None)."""
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"TwoViewTransform expects a PIL image, got {type(img).__name__}")
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        width, height = img.size
+        views, coords, params = [], [], []
+        for aug in self.view_augs:
+            p = draw_view_params(height, width, self.scale, aug, generator)
+            view = apply_geometry(img, p.box, p.flip, self.img_size)
+            if self.photometric:
+                view = apply_photometric(view, p)
+            views.append(to_normalized_tensor(view))
+            coords.append(patch_centres(p.box, p.flip, self.img_size, self.patch_size))
+            params.append(p)
+        return TwoViews(
+            view1=views[0], view2=views[1], coords1=coords[0], coords2=coords[1],
+            params1=params[0], params2=params[1], image_size=(width, height),
+        )
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.sample(img).as_tuple()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, "
+            f"patch_size={self.patch_size}, photometric={self.photometric})"
+        )
