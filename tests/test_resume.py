@@ -1,0 +1,155 @@
+"""Exact resume: N steps in one go == N/2 steps, stop, resume == a crash between checkpoints, resume.
+
+Bitwise on CPU: weights, teacher, optimiser, centres, banks and RNG states of the final checkpoints
+are equal, and so are the log rows (timings and memory aside). The interrupted runs are separate
+processes running ``train.py``, as a user would; the straight run goes through the same ``main``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cribo.checkpoint import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6  # 8 images / batch 2 = 4 steps per epoch: the runs cross an epoch boundary
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread here and in the subprocesses (OMP_NUM_THREADS=1): same kernels everywhere."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        h, w = int(rng.integers(64, 96)), int(rng.integers(64, 96))
+        img = np.empty((h, w, 3), dtype=np.uint8)
+        img[:] = rng.integers(0, 256, 3)
+        img[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = rng.integers(0, 256, 3)
+        Image.fromarray(img).save(root / f"{i}.png")
+    return root
+
+
+def argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--arch", "vit_tiny_patch16_224", "--batch-size", "2", "--max-steps", str(STEPS),
+            "--output-dir", str(out), "--img-size", "64", "--out-dim", "64", "--head-hidden-dim", "32",
+            "--head-bottleneck-dim", "16", "-K", "4", "--bank-images", "8", "--precision", "fp32",
+            "--num-workers", "0", "--log-every", "1", "--warmup-steps", "2", "--freeze-last-layer-steps", "1",
+            "--ci-start-step", "2", "--teacher-temp-warmup-steps", "3", "--lr", "1e-3", "--no-progress", *extra]
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def train_main():
+    spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def assert_same(a, b, where="checkpoint"):
+    """Recursive bitwise equality of checkpoint contents."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys {sorted(set(a) ^ set(b))}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def final_state(out: Path) -> dict:
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["step"] == STEPS
+    return {k: state[k] for k in ("step", "identity", "student", "teacher", "optimizer", "scaler", "dino_loss",
+                                  "object_loss", "bank", "rng")}
+
+
+def log_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "peak_mem_mb"} for r in rows]
+
+
+def test_interrupted_runs_equal_the_straight_run_bitwise(tmp_path, data_dir, capsys):
+    straight, stopped, crashed = tmp_path / "straight", tmp_path / "stopped", tmp_path / "crashed"
+    main = train_main()
+    assert main(argv(data_dir, straight)) == 0
+
+    # Planned interruption: --stop-at 3 (mid-epoch), then the same command without it.
+    first = run_cli(argv(data_dir, stopped, "--stop-at", "3"))
+    assert first.returncode == 0, first.stderr
+    assert torch.load(stopped / "checkpoint.pth", weights_only=True)["step"] == 3
+    assert [r["step"] for r in log_rows(stopped)] == [1, 2, 3]
+    second = run_cli(argv(data_dir, stopped, "--num-workers", "2"))  # workers do not change the samples
+    assert second.returncode == 0, second.stderr
+
+    # Crash after step 3 with the last checkpoint at step 2: the log's row 3 must be dropped and redone.
+    first = run_cli(argv(data_dir, crashed, "--ckpt-every", "2", "--crash-at-step", "3"))
+    assert first.returncode == 1, first.stderr
+    assert torch.load(crashed / "checkpoint.pth", weights_only=True)["step"] == 2
+    assert [r["step"] for r in log_rows(crashed)] == [1, 2, 3]
+    assert main(argv(data_dir, crashed)) == 0  # the resume itself may run in this process
+
+    reference = final_state(straight)
+    assert reference["bank"]["filled"] == 8  # the banks really hold objects (bank of 8 images, 12 pushed)
+    rows = log_rows(straight)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for out in (stopped, crashed):
+        assert_same(reference, final_state(out), where=out.name)
+        assert log_rows(out) == rows
+
+    # A finished run started again does nothing and leaves the log as it is.
+    assert main(argv(data_dir, straight)) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["start_step"] == STEPS
+    assert log_rows(straight) == rows
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, data_dir):
+    out = tmp_path / "run"
+    main = train_main()
+    assert main(argv(data_dir, out, "--stop-at", "1")) == 0
+    with pytest.raises(CheckpointError, match=r"belongs to another run .*differing: lr"):
+        main([*argv(data_dir, out), "--lr", "2e-3"])
+    with pytest.raises(CheckpointError, match="differing: max_steps"):
+        main([*argv(data_dir, out), "--max-steps", str(STEPS + 1)])
+    # what may change: logging, checkpoint cadence, workers
+    assert main(argv(data_dir, out, "--stop-at", "2", "--log-every", "2", "--ckpt-every", "5")) == 0
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2
+
+
+def test_checkpoint_loads_with_weights_only_and_exports(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert train_main()(argv(data_dir, out, "--stop-at", "1")) == 0
+    state = torch.load(out / "checkpoint.pth", weights_only=True)  # no pickled objects anywhere
+    assert state["format"] == "cribo-train-v1" and state["config"]["arch"] == "vit_tiny_patch16_224"
+    assert set(state["teacher"]) == set(state["student"]) and all(k.startswith(("backbone.", "head."))
+                                                                   for k in state["teacher"])
+    assert train_main()(["export", "--output-dir", str(out)]) == 0
+    info = json.loads((out / "backbone.json").read_text())
+    assert info["step"] == 1 and info["arch"] == "vit_tiny_patch16_224"

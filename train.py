@@ -1,0 +1,124 @@
+"""CrIBo pretraining and backbone export.
+
+    python train.py --data DIR --arch TIMM_NAME --batch-size B --max-steps N --output-dir OUT
+                    [--stop-at S] [--seed S] [--preset NAME] [...]
+    torchrun --nproc_per_node G train.py ...      (B is per process)
+    python train.py export --output-dir OUT       -> OUT/backbone.safetensors + OUT/backbone.json
+
+Running the same command again resumes from OUT/checkpoint.pth. ``--stop-at S`` checkpoints after
+step S and exits 0; run again without it to continue. Unset flags take the preset's value, then the
+TrainConfig default (cribo/config.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cribo.config import PRESETS, TrainConfig, config_from_preset
+
+DEFAULTS = TrainConfig.__dataclass_fields__
+
+
+def _default(name: str) -> str:
+    return f"(default: preset value, else {DEFAULTS[name].default})"
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="CrIBo pretraining (ICLR 2024).", epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    req = p.add_argument_group("run")
+    req.add_argument("--data", required=True, help="folder of images (recursive), ImageNet/COCO root, or hf:NAME[:SPLIT]")
+    req.add_argument("--data-split", help="split of a recognised layout (default: its training split)")
+    req.add_argument("--skip-corrupt", action="store_const", const=True,
+                     help="log and skip unreadable images instead of stopping")
+    req.add_argument("--arch", help="timm ViT, e.g. vit_small_patch16_224 (required unless the preset sets it)")
+    req.add_argument("--batch-size", type=int, required=True, help="images per process")
+    req.add_argument("--max-steps", type=int, required=True, help="run length in steps (the schedules span it)")
+    req.add_argument("--output-dir", required=True, help="OUT: checkpoint.pth, log.jsonl, config.json")
+    req.add_argument("--stop-at", type=int, help="checkpoint after this step and exit 0 (resume by running again)")
+    req.add_argument("--seed", type=int, help=_default("seed"))
+    req.add_argument("--preset", choices=sorted(PRESETS), help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
+    req.add_argument("--device", help=_default("device") + "; cuda under torchrun uses cuda:LOCAL_RANK")
+
+    net = p.add_argument_group("network")
+    net.add_argument("--img-size", type=int, help=_default("img_size"))
+    net.add_argument("--drop-path", type=float, help=_default("drop_path"))
+    net.add_argument("--out-dim", type=int, help="L prototypes " + _default("out_dim"))
+    net.add_argument("--head-hidden-dim", type=int, help=_default("head_hidden_dim"))
+    net.add_argument("--head-bottleneck-dim", type=int, help=_default("head_bottleneck_dim"))
+
+    cr = p.add_argument_group("CrIBo")
+    cr.add_argument("-K", "--num-clusters", type=int, help=_default("num_clusters"))
+    cr.add_argument("--lambda-pos", type=float, help=_default("lambda_pos"))
+    cr.add_argument("--bank-images", type=int, help="S, images per bank " + _default("bank_images"))
+    cr.add_argument("--bank-dtype", choices=("fp32", "fp16", "bf16"), help=_default("bank_dtype"))
+    cr.add_argument("--no-cross-image", dest="use_cross_image", action="store_const", const=False,
+                    help="ablation: train without L_ci^o")
+    cr.add_argument("--ci-start-epoch", type=float, help=_default("ci_start_epoch"))
+    cr.add_argument("--ci-start-step", type=int, help="overrides --ci-start-epoch")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--lr", type=float, help="base lr for a global batch of 256 " + _default("lr"))
+    opt.add_argument("--min-lr", type=float, help=_default("min_lr"))
+    opt.add_argument("--warmup-epochs", type=float, help=_default("warmup_epochs"))
+    opt.add_argument("--warmup-steps", type=int, help="overrides --warmup-epochs")
+    opt.add_argument("--weight-decay", type=float, help=_default("weight_decay"))
+    opt.add_argument("--weight-decay-end", type=float, help=_default("weight_decay_end"))
+    opt.add_argument("--momentum-teacher", type=float, help=_default("momentum_teacher"))
+    opt.add_argument("--teacher-temp", type=float, help=_default("teacher_temp"))
+    opt.add_argument("--warmup-teacher-temp", type=float, help=_default("warmup_teacher_temp"))
+    opt.add_argument("--teacher-temp-warmup-epochs", type=float, help=_default("teacher_temp_warmup_epochs"))
+    opt.add_argument("--teacher-temp-warmup-steps", type=int, help="overrides --teacher-temp-warmup-epochs")
+    opt.add_argument("--student-temp", type=float, help=_default("student_temp"))
+    opt.add_argument("--freeze-last-layer-epochs", type=float, help=_default("freeze_last_layer_epochs"))
+    opt.add_argument("--freeze-last-layer-steps", type=int, help="overrides --freeze-last-layer-epochs")
+    opt.add_argument("--clip-grad", type=float, help="per-parameter norm; 0 disables " + _default("clip_grad"))
+    opt.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                     help=_default("precision") + "; auto: bf16 on GPUs and bf16-capable CPUs, else fp32")
+
+    run = p.add_argument_group("logging and checkpoints")
+    run.add_argument("--num-workers", type=int, help=_default("num_workers"))
+    run.add_argument("--log-every", type=int, help=_default("log_every"))
+    run.add_argument("--ckpt-every", type=int, help=_default("ckpt_every"))
+    run.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no tqdm bar")
+    run.add_argument("--debug-bank-hash", action="store_const", const=True,
+                     help="write OUT/bank_rank{r}.json (fingerprint of each rank's banks) at the end")
+    # Test hook: exit abruptly after this step (see cribo.engine.train).
+    run.add_argument("--crash-at-step", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py export",
+                                description="Export the teacher backbone of OUT/checkpoint.pth as "
+                                            "OUT/backbone.safetensors + OUT/backbone.json.")
+    p.add_argument("--output-dir", required=True, help="the training run's OUT folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "export":
+        args = build_export_parser().parse_args(argv[1:])
+        from cribo.engine import export_teacher
+        info = export_teacher(args.output_dir)
+        print(json.dumps({k: info[k] for k in ("arch", "patch_size", "embed_dim", "sha256", "step")}))
+        return 0
+
+    args = vars(build_train_parser().parse_args(argv))
+    preset, crash_at_step = args.pop("preset"), args.pop("crash_at_step")
+    if args["arch"] is None and not (preset and "arch" in PRESETS[preset].overrides):
+        build_train_parser().error("--arch is required (or a --preset that sets it)")
+    try:
+        config = config_from_preset(preset, **args)
+    except ValueError as e:
+        build_train_parser().error(str(e))
+    from cribo.engine import train
+    summary = train(config, crash_at_step=crash_at_step)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
