@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Build a FAISS support index of one dataset split (labelled patches of 1/ratio of its images).
+
+    python build_index.py --dataset voc --root /data/voc --split train_aug --backbone builtin \
+        --ratio 8 --seed 0 --index flat --out indices/voc-1_8-s0
+
+Writes DIR/index.faiss, DIR/labels.npy and DIR/meta.json atomically; the app and
+``index.store.SupportIndex.load(DIR)`` read it. Features are cached under --cache-dir and shared with
+evaluate.py. All the work is in :func:`index.protocol.build_support_index`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from cribo.backbones import BackboneLoadError, load_backbone
+from index.datasets import DEFAULT_SPLITS, KINDS, DatasetError, open_dataset
+from index.features import FeatureCacheError
+from index.protocol import build_support_index
+from index.store import INDEX_KINDS, IndexParams
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=KINDS, help="dataset layout")
+    p.add_argument("--root", required=True, help="dataset folder (VOC: holds JPEGImages/ or VOC2012/)")
+    p.add_argument("--split", help="support split (default: train_aug / training / train)")
+    p.add_argument("--backbone", help="timm arch, 'builtin' or a preset (default: builtin, or the arch "
+                                      "recorded in a self-describing --weights file)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", help="backbone weights file (export, state dict, CrIBo/DINO checkpoint)")
+    w.add_argument("--random-init", action="store_true", help="freshly initialised --backbone (with --init-seed)")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of --random-init (default 0)")
+    p.add_argument("--ratio", type=int, default=1, help="keep round(N/ratio) images (default 1: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the support selection (ignored for ratio 1)")
+    p.add_argument("--index", default="flat", choices=sorted(INDEX_KINDS), help="flat (exact), ivf or hnsw (fp16)")
+    p.add_argument("--nlist", type=int, help="ivf lists (default 4*sqrt(n))")
+    p.add_argument("--nprobe", type=int, default=IndexParams.nprobe, help="ivf lists searched per query")
+    p.add_argument("--ef-search", type=int, default=IndexParams.ef_search, help="hnsw search beam")
+    p.add_argument("--out", required=True, help="index directory to write")
+    p.add_argument("--cache-dir", default=".cache/features", help="feature cache root (default .cache/features)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward (default 16)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    split = args.split or DEFAULT_SPLITS[args.dataset][0]
+    name = args.backbone or (None if args.weights else "builtin")
+    params = IndexParams(nlist=args.nlist, nprobe=args.nprobe, ef_search=args.ef_search, seed=args.seed)
+    try:
+        backbone = load_backbone(name, args.weights, random_init=args.random_init, seed=args.init_seed,
+                                 device=args.device)
+        dataset = open_dataset(args.dataset, args.root, split)
+        index = build_support_index(
+            backbone, dataset, ratio=args.ratio, seed=args.seed, kind=args.index, cache_dir=args.cache_dir,
+            device=args.device, precision=args.precision, params=params, out=args.out,
+            batch_size=args.batch_size, num_workers=args.workers,
+        )
+    except (DatasetError, BackboneLoadError, FeatureCacheError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"event": "index_written", "out": args.out, "kind": index.kind, "ntotal": index.ntotal,
+                      "dim": index.dim, "images": len(index.meta["image_ids"]), "search_device": index.search_device}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Batch mIoU evaluation: one row of the paper's Table 1 (dense k-NN retrieval, eval-protocol.md).
+
+    python evaluate.py --dataset voc --root /data/voc --backbone vit_small_patch16_224 --random-init \
+        --ratios 1,8,64,128 --seeds 5 --k 50 --out results/voc/results.json
+
+One feature extraction per split (cached under --cache-dir, keyed by backbone identity, dataset and
+resolution), then every ratio x seed. Writes results.json (+ .csv, .md, _per_class_iou.png beside it),
+prints JSON-lines progress and the table. All the work is in :func:`index.protocol.run_protocol`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from cribo.backbones import BackboneLoadError, load_backbone
+from index.datasets import DEFAULT_SPLITS, KINDS, DatasetError, open_dataset
+from index.features import FeatureCacheError
+from index.protocol import LEVELS, VOTES, run_protocol
+from index.report import format_table, format_timing
+from index.store import INDEX_KINDS
+
+
+def _ratios(text: str) -> list[int]:
+    try:
+        ratios = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ratios must be comma-separated integers like 1,8,64,128, got {text!r}")
+    if not ratios or min(ratios) < 1:
+        raise argparse.ArgumentTypeError(f"--ratios must be integers >= 1, got {text!r}")
+    return ratios
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=KINDS, help="dataset layout")
+    p.add_argument("--root", required=True, help="dataset folder (VOC: holds JPEGImages/ or VOC2012/)")
+    p.add_argument("--train-split", help="support split (default: train_aug / training / train)")
+    p.add_argument("--val-split", help="query split (default: val / validation / val)")
+    p.add_argument("--backbone", help="timm arch, 'builtin' or a preset (default: builtin, or the arch "
+                                      "recorded in a self-describing --weights file)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", help="backbone weights file (export, state dict, CrIBo/DINO checkpoint)")
+    w.add_argument("--random-init", action="store_true", help="freshly initialised --backbone (with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
+    p.add_argument("--ratios", type=_ratios, default=[1, 8, 64, 128], help="support ratios 1/n (default 1,8,64,128)")
+    p.add_argument("--seeds", type=int, default=5, help="runs per ratio > 1, seeds 0..S-1 (default 5)")
+    p.add_argument("--k", type=int, default=50, help="neighbours per query patch (default 50)")
+    p.add_argument("--index", default="flat", choices=sorted(INDEX_KINDS), help="FAISS index kind (default flat = exact)")
+    p.add_argument("--vote", default="majority", choices=VOTES, help="label transfer (default majority)")
+    p.add_argument("--level", default="patch", choices=LEVELS, help="score patches (paper) or pixels")
+    p.add_argument("--out", default="results/results.json", help="results JSON; .csv/.md/.png go beside it")
+    p.add_argument("--cache-dir", default=".cache/features", help="feature cache root (default .cache/features)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto = bf16 where the device has bf16 arithmetic, else fp32")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward (default 16)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    train_split = args.train_split or DEFAULT_SPLITS[args.dataset][0]
+    val_split = args.val_split or DEFAULT_SPLITS[args.dataset][1]
+    name = args.backbone or (None if args.weights else "builtin")
+    try:
+        backbone = load_backbone(name, args.weights, random_init=args.random_init, seed=args.seed, device=args.device)
+        train_ds = open_dataset(args.dataset, args.root, train_split)
+        val_ds = open_dataset(args.dataset, args.root, val_split)
+        results = run_protocol(
+            backbone, train_ds, val_ds, ratios=args.ratios, seeds=args.seeds, k=args.k, index_kind=args.index,
+            vote=args.vote, level=args.level, cache_dir=args.cache_dir, device=args.device,
+            precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, out=args.out,
+        )
+    except (DatasetError, BackboneLoadError, FeatureCacheError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    print(f"time split: {format_timing(results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

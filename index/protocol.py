@@ -1,0 +1,341 @@
+"""One row of the paper's Table 1: dense k-NN label transfer at every support ratio and seed.
+
+:func:`run_protocol` implements eval-protocol.md (CrIBo section 4.1): one feature extraction per split
+(cached, :mod:`index.features`), then for every ratio ``1/n`` and seed: select ``round(N/n)`` support
+images (:func:`index.store.select_support`), index their *labelled* patches (:class:`SupportIndex`),
+retrieve the ``k`` nearest support patches of every query patch, transfer labels
+(:mod:`index.transfer`), and score one confusion matrix summed over the validation split
+(:mod:`index.metrics`).
+
+- level "patch" (default, the paper's): the labelled validation patches are searched and scored
+  against their majority label.
+- level "pixel": every validation patch is searched; its prediction is painted over its ``p x p``
+  pixels, resized (nearest) to the original mask size and scored per pixel, void ignored. The
+  pixel -> patch map of each image is computed once (the same ``resize_mask`` as
+  :func:`index.labels.paint_patches`), so each run is one ``bincount``.
+- vote "majority" (default): k-NN majority, ties to the class of the nearest tied neighbour.
+  vote "soft": the Hummingbird weighting, ``softmax(cosine / 0.02)`` over the neighbours' patch class
+  histograms, argmax per patch. This is the soft *vote* only; the rest stays the CrIBo protocol
+  (resolution, k, scoring), it is not the full Hummingbird protocol.
+
+Scores are percentages. ``std`` over seeds is the population standard deviation (``np.std``,
+ddof = 0; recorded as ``std_ddof``). A ratio with one run (ratio 1) has std 0.
+
+``timing`` (seconds): ``forward`` = time inside the backbone forward when the features were
+extracted (``forward_cached`` says whether this call reused a cache, in which case the forward
+happened in an earlier call), ``extract`` = wall time of the extraction calls in this run (decode,
+resize and forward, or the cache load), then ``index_build``, ``search``, ``vote``, ``metric`` summed
+over all runs, and ``total`` = wall time of :func:`run_protocol`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import asdict
+import time
+from typing import Any, Callable, Sequence
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from index.features import RESOLUTION_RULE, FeatureSet, extract_features
+from index.labels import patch_class_histograms, resize_mask
+from index.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from index.report import log_event, write_reports
+from index.store import INDEX_KINDS, IndexParams, SupportIndex, select_support
+from index.transfer import check_k, knn_vote, soft_vote
+
+__all__ = ["run_protocol", "build_support_index", "backbone_meta", "VOTES", "LEVELS", "SOFT_TEMPERATURE"]
+
+VOTES = ("majority", "soft")
+LEVELS = ("patch", "pixel")
+SOFT_TEMPERATURE = 0.02  # Hummingbird's softmax temperature over cosine similarities
+QUERY_CHUNK = 16384  # query patches searched at a time: bounds the (chunk, k) results and the float32 copy
+
+
+def backbone_meta(backbone: Any) -> dict[str, Any]:
+    """JSON description of a backbone for index and results metadata."""
+    return {"identity": backbone.identity, "source": getattr(backbone, "source", ""), "arch": backbone.arch,
+            "patch_size": int(backbone.patch_size), "embed_dim": int(backbone.embed_dim)}
+
+
+def _support_rows(fs: FeatureSet, support_ids: list[str]) -> np.ndarray:
+    position = {image_id: i for i, image_id in enumerate(fs.ids)}
+    return fs.rows_of([position[i] for i in support_ids], labelled_only=True)
+
+
+def build_support_index(
+    backbone: Any,
+    dataset: Any,
+    *,
+    ratio: int = 1,
+    seed: int = 0,
+    kind: str = "flat",
+    cache_dir: str | os.PathLike = ".cache/features",
+    device: str = "cpu",
+    precision: str = "auto",
+    params: IndexParams | None = None,
+    out: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> SupportIndex:
+    """The support index of ``dataset`` at ratio 1/``ratio`` and ``seed`` (build_index.py).
+
+    Extracts (or reuses) the split's features, keeps the labelled patches of the selected images and
+    indexes them with their labels; metadata records backbone, dataset, split, ratio, seed, image ids,
+    class names, patch size and resolution rule. Saved to ``out`` when given.
+    """
+    fs = extract_features(backbone, dataset, cache_dir, precision=precision, device=device,
+                          batch_size=batch_size, num_workers=num_workers, progress=progress)
+    ids = select_support(fs.ids, ratio, seed)
+    rows = _support_rows(fs, ids)
+    meta = {
+        "backbone": backbone_meta(backbone),
+        "dataset": {**dataset.describe(), "fingerprint": dataset.fingerprint()},
+        "split": dataset.split, "ratio": int(ratio), "seed": int(seed) if ratio > 1 else 0,
+        "image_ids": ids, "class_names": list(dataset.class_names), "patch_size": int(backbone.patch_size),
+        "resolution_rule": RESOLUTION_RULE, "precision": fs.meta["precision"], "feature_cache": fs.meta["key"],
+    }
+    index = SupportIndex.build(fs.features[rows], fs.labels[rows], kind, meta=meta,
+                               params=params or IndexParams(seed=seed))
+    if out is not None:
+        index.save(out)
+    return index
+
+
+def _pixel_pairs(val_ds: Any, fs: FeatureSet, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse pixel counts of (query patch row, ground-truth class) for the pixel-level score.
+
+    For each image, the pixel -> patch map is the nearest resize of the patch grid to the original
+    mask size (row and column indices resized with :func:`resize_mask`, exactly how
+    :func:`index.labels.paint_patches` moves a patch's prediction to pixels). Returns
+    ``rows (m,)`` global patch rows, ``gt (m,)`` class ids and ``count (m,)`` pixels, void left out,
+    so that the pixel confusion of a prediction ``pred (P,)`` is
+    ``bincount(gt * C + pred[rows], weights=count)``.
+    """
+    p = int(fs.meta["patch_size"])
+    C = num_classes
+    out_rows, out_gt, out_cnt = [], [], []
+    for i in range(len(fs)):
+        h, w = (int(v) for v in fs.grids[i])
+        if max(h, w) > 256:
+            raise ValueError(f"image {fs.ids[i]!r} has a {h}x{w} patch grid: the pixel level supports grids "
+                             "up to 256x256; use --level patch")
+        mask = val_ds.load_mask(i)
+        H, W = mask.shape
+        if (H, W) != tuple(fs.sizes[i]):
+            raise ValueError(f"mask of {fs.ids[i]!r} is {H}x{W}, the cached features say {tuple(fs.sizes[i])}")
+        r = np.repeat(np.arange(h, dtype=np.uint8), p)[:, None].repeat(w * p, axis=1)
+        c = np.repeat(np.arange(w, dtype=np.uint8), p)[None, :].repeat(h * p, axis=0)
+        patch = resize_mask(r, (H, W)).astype(np.int64) * w + resize_mask(c, (H, W))
+        valid = mask != val_ds.void
+        counts = np.bincount(patch[valid] * C + mask[valid], minlength=h * w * C)
+        nz = np.nonzero(counts)[0]
+        out_rows.append(fs.offsets[i] + nz // C)
+        out_gt.append(nz % C)
+        out_cnt.append(counts[nz])
+    return np.concatenate(out_rows), np.concatenate(out_gt), np.concatenate(out_cnt)
+
+
+def _support_histograms(train_ds: Any, fs: FeatureSet, images: np.ndarray, num_classes: int,
+                        memo: dict[int, np.ndarray]) -> np.ndarray:
+    """``(m, C)`` float32 class histograms of the labelled patches of ``images`` (soft vote)."""
+    p = int(fs.meta["patch_size"])
+    out = []
+    for i in images.tolist():
+        if i not in memo:
+            h, w = (int(v) for v in fs.grids[i])
+            mask = resize_mask(train_ds.load_mask(i), (h * p, w * p))
+            hist = patch_class_histograms(mask, p, num_classes, train_ds.void)
+            memo[i] = hist[fs.labels[fs.image_rows(i)] >= 0]
+        out.append(memo[i])
+    return np.concatenate(out)
+
+
+def _percent(x: float) -> float:
+    return 100.0 * float(x)
+
+
+def _nan_to_none(values: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in values]
+
+
+def run_protocol(
+    backbone: Any,
+    train_ds: Any,
+    val_ds: Any,
+    *,
+    ratios: Sequence[int] = (1, 8, 64, 128),
+    seeds: int = 5,
+    k: int = 50,
+    index_kind: str = "flat",
+    index_params: IndexParams | None = None,
+    vote: str = "majority",
+    level: str = "patch",
+    cache_dir: str | os.PathLike = ".cache/features",
+    device: str = "cpu",
+    precision: str = "auto",
+    batch_size: int = 16,
+    num_workers: int = 2,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+    log: Callable[..., None] | None = log_event,
+) -> dict[str, Any]:
+    """Run the retrieval protocol; return (and, with ``out``, write) the results dict.
+
+    Args:
+        backbone: a :class:`cribo.backbones.Backbone`.
+        train_ds, val_ds: support and query :class:`index.datasets.SegDataset` with the same classes.
+        ratios: support ratios ``n`` (1/n of the support images). seeds: runs per ratio ``n > 1``
+            (seeds ``0..seeds-1``); ratio 1 runs once with seed 0.
+        k: neighbours per query patch. index_kind: a key of :data:`index.store.INDEX_KINDS`.
+        vote: "majority" | "soft". level: "patch" | "pixel".
+        out: results.json path; the CSV, Markdown and PNG reports go next to it.
+        log: called as ``log(event, **fields)`` for JSON-lines progress records (None: silent).
+
+    Returns:
+        ``{"ratios": {"8": {"miou": [per seed, %], "mean", "std", "support_ids": [[ids], ...],
+        "seeds", "pixel_accuracy", "pixel_accuracy_mean", "per_class_iou": [[per class, %] per seed],
+        "num_support_images", "num_support_patches", "timing"}, ...}, "backbone", "dataset", "k", ...,
+        "per_class_iou": {"8": [mean over seeds per class, %]}, "class_names", "timing"}``.
+    """
+    t_start = time.perf_counter()
+    ratios = [int(r) for r in ratios]
+    if not ratios or any(r < 1 for r in ratios) or len(set(ratios)) != len(ratios):
+        raise ValueError(f"ratios must be distinct integers >= 1, got {ratios}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if vote not in VOTES:
+        raise ValueError(f"unknown vote {vote!r}: choose one of {VOTES}")
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}: choose one of {LEVELS}")
+    if index_kind not in INDEX_KINDS:
+        raise ValueError(f"unknown index kind {index_kind!r}: choose one of {sorted(INDEX_KINDS)}")
+    check_k(k, np.iinfo(np.int64).max)
+    if list(train_ds.class_names) != list(val_ds.class_names):
+        raise ValueError(f"support split {train_ds.split!r} and query split {val_ds.split!r} have different "
+                         "class names: both must come from the same dataset")
+    log = log or (lambda event, **fields: None)
+    C = len(train_ds.class_names)
+    extract_kw = dict(precision=precision, device=device, batch_size=batch_size, num_workers=num_workers,
+                      progress=progress)
+
+    t0 = time.perf_counter()
+    fs_tr = extract_features(backbone, train_ds, cache_dir, **extract_kw)
+    fs_va = extract_features(backbone, val_ds, cache_dir, **extract_kw)
+    extract_s = time.perf_counter() - t0
+    forward_s = fs_tr.meta["forward_seconds"] + fs_va.meta["forward_seconds"]
+    log("features", train_patches=fs_tr.num_patches, val_patches=fs_va.num_patches, dim=fs_tr.dim,
+        forward_s=round(forward_s, 3), extract_s=round(extract_s, 3),
+        cached=[fs_tr.meta["cached"], fs_va.meta["cached"]])
+
+    if level == "patch":
+        qrows = np.nonzero(fs_va.labels >= 0)[0]
+        gt = fs_va.labels[qrows]
+        pairs = None
+    else:
+        qrows = np.arange(fs_va.num_patches)
+        t0 = time.perf_counter()
+        pairs = _pixel_pairs(val_ds, fs_va, C)
+        pixel_prep_s = time.perf_counter() - t0
+    if qrows.size == 0:
+        raise ValueError(f"query split {val_ds.split!r} has no labelled patch to score")
+
+    runs = [(r, s) for r in ratios for s in (range(seeds) if r > 1 else [0])]
+    tot = dict(index_build=0.0, search=0.0, vote=0.0, metric=0.0)
+    if level == "pixel":
+        tot["metric"] += pixel_prep_s
+    per_ratio: dict[str, dict[str, Any]] = {}
+    hist_memo: dict[int, np.ndarray] = {}
+    position = {image_id: i for i, image_id in enumerate(fs_tr.ids)}
+    bar = tqdm(runs, desc="runs", unit="run", disable=not progress)
+    for r, seed in bar:
+        tm = dict(index_build=0.0, search=0.0, vote=0.0, metric=0.0)
+        ids = select_support(fs_tr.ids, r, seed)
+        images = np.asarray([position[i] for i in ids], dtype=np.int64)
+        t0 = time.perf_counter()
+        rows = fs_tr.rows_of(images, labelled_only=True)
+        params = index_params or IndexParams(seed=seed)
+        index = SupportIndex.build(fs_tr.features[rows], fs_tr.labels[rows], index_kind, params=params)
+        hist = _support_histograms(train_ds, fs_tr, images, C, hist_memo) if vote == "soft" else None
+        tm["index_build"] += time.perf_counter() - t0
+        check_k(k, index.ntotal)
+        pred = np.empty(qrows.size, dtype=np.int64)
+        for s in range(0, qrows.size, QUERY_CHUNK):
+            t0 = time.perf_counter()
+            D, I = index.search(fs_va.features[qrows[s:s + QUERY_CHUNK]], k)
+            t1 = time.perf_counter()
+            if vote == "majority":
+                pred[s:s + QUERY_CHUNK], _ = knn_vote(I, index.labels, C, D)
+            else:
+                pred[s:s + QUERY_CHUNK] = soft_vote(D, I, hist, SOFT_TEMPERATURE).argmax(axis=1)
+            t2 = time.perf_counter()
+            tm["search"] += t1 - t0
+            tm["vote"] += t2 - t1
+        t0 = time.perf_counter()
+        if pairs is None:
+            conf = confusion_matrix(pred, gt, C)
+        else:
+            prow, pgt, pcount = pairs
+            conf = np.bincount(pgt * C + pred[prow], weights=pcount, minlength=C * C).reshape(C, C).astype(np.int64)
+        miou = _percent(mean_iou(conf))
+        acc = _percent(pixel_accuracy(conf))
+        iou = 100.0 * iou_per_class(conf)
+        tm["metric"] += time.perf_counter() - t0
+        for key in tot:
+            tot[key] += tm[key]
+
+        e = per_ratio.setdefault(str(r), {"miou": [], "seeds": [], "support_ids": [], "pixel_accuracy": [],
+                                          "per_class_iou": [], "num_support_images": len(ids),
+                                          "num_support_patches": [], "timing": dict.fromkeys(tm, 0.0)})
+        e["miou"].append(miou)
+        e["seeds"].append(seed)
+        e["support_ids"].append(ids)
+        e["pixel_accuracy"].append(acc)
+        e["per_class_iou"].append(_nan_to_none(iou))
+        e["num_support_patches"].append(int(rows.size))
+        for key in tm:
+            e["timing"][key] += tm[key]
+        bar.set_postfix(ratio=f"1/{r}", seed=seed, miou=f"{miou:.1f}")
+        log("run", ratio=r, seed=seed, miou=round(miou, 3), pixel_accuracy=round(acc, 3),
+            support_images=len(ids), support_patches=int(rows.size),
+            **{f"{key}_s": round(v, 3) for key, v in tm.items()})
+    bar.close()
+
+    per_class_mean: dict[str, list[float | None]] = {}
+    for key, e in per_ratio.items():
+        e["mean"] = float(np.mean(e["miou"]))
+        e["std"] = float(np.std(e["miou"]))  # population std (ddof = 0), see the module docstring
+        e["pixel_accuracy_mean"] = float(np.mean(e["pixel_accuracy"]))
+        table = np.array([[np.nan if v is None else v for v in row] for row in e["per_class_iou"]])
+        present = ~np.isnan(table)
+        sums = np.where(present, table, 0.0).sum(axis=0)
+        n_present = present.sum(axis=0)
+        per_class_mean[key] = _nan_to_none(np.divide(sums, n_present, out=np.full(C, np.nan), where=n_present > 0))
+
+    results = {
+        "ratios": per_ratio,
+        "backbone": backbone_meta(backbone),
+        "dataset": {"kind": train_ds.kind, "name": getattr(train_ds, "name", train_ds.kind),
+                    "root": str(train_ds.root), "train_split": train_ds.split, "val_split": val_ds.split,
+                    "num_train_images": len(train_ds.ids), "num_val_images": len(val_ds.ids),
+                    "train_fingerprint": train_ds.fingerprint(), "val_fingerprint": val_ds.fingerprint()},
+        "k": int(k), "index": index_kind, "index_params": asdict(index_params or IndexParams()),
+        "vote": vote, "level": level, "class_names": list(train_ds.class_names),
+        "per_class_iou": per_class_mean, "num_query_patches": int(qrows.size),
+        "num_train_patches": fs_tr.num_patches, "num_val_patches": fs_va.num_patches,
+        "patch_size": int(backbone.patch_size), "resolution_rule": RESOLUTION_RULE,
+        "precision": fs_tr.meta["precision"], "device": str(device), "std_ddof": 0,
+        "feature_caches": [str(fs_tr.path), str(fs_va.path)],
+        "timing": {"forward": forward_s, "forward_cached": bool(fs_tr.meta["cached"] and fs_va.meta["cached"]),
+                   "extract": extract_s, **tot, "total": time.perf_counter() - t_start},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "faiss": faiss.__version__},
+    }
+    if out is not None:
+        paths = write_reports(results, out)
+        log("written", **{key: str(v) for key, v in paths.items()})
+    return results
