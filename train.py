@@ -4,6 +4,7 @@
                     [--stop-at S] [--seed S] [--preset NAME] [...]
     torchrun --nproc_per_node G train.py ...      (B is per process)
     python train.py export --output-dir OUT       -> OUT/backbone.safetensors + OUT/backbone.json
+    python train.py plot --output-dir OUT         -> OUT/training_curves.png (losses, bootstrapping ratio)
 
 Running the same command again resumes from OUT/checkpoint.pth. ``--stop-at S`` checkpoints after
 step S and exits 0; run again without it to continue. Unset flags take the preset's value, then the
@@ -94,6 +95,17 @@ def build_export_parser() -> argparse.ArgumentParser:
                                 description="Export the teacher backbone of OUT/checkpoint.pth as "
                                             "OUT/backbone.safetensors + OUT/backbone.json.")
     p.add_argument("--output-dir", required=True, help="the training run's OUT folder")
+    p.add_argument("--out", help="target .safetensors (default OUT/backbone.safetensors; its .json goes beside it)")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="storage precision of the exported weights (loading casts to fp32)")
+    return p
+
+
+def build_plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py plot",
+                                description="Draw OUT/log.jsonl: losses, bootstrapping ratio, kept clusters.")
+    p.add_argument("--output-dir", required=True, help="the training run's OUT folder")
+    p.add_argument("--out", help="PNG path (default OUT/training_curves.png)")
     return p
 
 
@@ -102,8 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "export":
         args = build_export_parser().parse_args(argv[1:])
         from cribo.engine import export_teacher
-        info = export_teacher(args.output_dir)
+        info = export_teacher(args.output_dir, args.out, dtype=args.dtype)
         print(json.dumps({k: info[k] for k in ("arch", "patch_size", "embed_dim", "sha256", "step")}))
+        return 0
+    if argv and argv[0] == "plot":
+        args = build_plot_parser().parse_args(argv[1:])
+        from pathlib import Path
+
+        from cribo.report import plot_training_log
+        out = args.out or Path(args.output_dir) / "training_curves.png"
+        print(plot_training_log(Path(args.output_dir) / "log.jsonl", out))
         return 0
 
     args = vars(build_train_parser().parse_args(argv))

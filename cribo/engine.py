@@ -726,7 +726,8 @@ def _log_row(trainer: CrIBoTrainer, stats: dict[str, torch.Tensor], step: int, e
 # ---------------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------------
-def export_teacher(output_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> dict[str, Any]:
+def export_teacher(output_dir: str | os.PathLike, path: str | os.PathLike | None = None, *,
+                   dtype: str = "fp32") -> dict[str, Any]:
     """Export the teacher backbone of ``OUT/checkpoint.pth`` to ``OUT/backbone.safetensors`` (+ .json).
 
     The json is self-describing (arch, patch size, checksum) so ``load_backbone(weights=...)`` needs no
@@ -743,4 +744,4 @@ def export_teacher(output_dir: str | os.PathLike, path: str | os.PathLike | None
     meta = {"source": "cribo-train teacher", "step": int(state["step"]), "max_steps": config.max_steps,
             "identity": state["identity"], "img_size": config.img_size, "data": config.data,
             "train_config": config.to_dict()}
-    return export_backbone(vit, config.arch, path, meta)
+    return export_backbone(vit, config.arch, path, meta, dtype=dtype)

@@ -1,0 +1,61 @@
+"""Figures of a training run, drawn from ``OUT/log.jsonl``.
+
+``plot_training_log`` draws the loss terms, the bootstrapping ratio ((Z1 + Z2) / 2K, paper Fig. 6) and
+the mean number of kept clusters against the step, on a matplotlib Agg canvas (no display needed).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cribo.io import atomic_path
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSON-lines training log; a torn last line (a run killed mid-write) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no training log at {path}: pass the run's OUT/log.jsonl")
+    rows = []
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{n + 1} is not a JSON object ({e}); is this a CrIBo log.jsonl?") from e
+    if not rows:
+        raise ValueError(f"{path} has no rows yet: the run logs every --log-every steps")
+    return rows
+
+
+def plot_training_log(log_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """Write a 3-panel PNG (losses | bootstrapping ratio | kept clusters) and return its path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = read_log(log_path)
+    steps = [r["step"] for r in rows]
+    fig = Figure(figsize=(13, 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_boot, ax_k = fig.subplots(1, 3)
+    for key, label in (("loss", "total"), ("loss_global", "L_cv^g"), ("loss_object", "L_cv^o"),
+                       ("loss_cross_image", "L_ci^o")):
+        ax_loss.plot(steps, [r[key] for r in rows], label=label)
+    ax_loss.set(title="losses", xlabel="step")
+    ax_loss.legend(fontsize=8)
+    ax_boot.plot(steps, [r["bootstrap_ratio"] for r in rows], color="tab:green")
+    ax_boot.set(title="bootstrapping ratio (Z1+Z2)/2K", xlabel="step", ylim=(0, None))
+    ax_k.plot(steps, [r["kept_clusters"] for r in rows], color="tab:purple")
+    ax_k.set(title="kept clusters per image", xlabel="step", ylim=(0, None))
+    for ax in (ax_loss, ax_boot, ax_k):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return out_png
