@@ -14,10 +14,9 @@ import argparse
 import json
 import sys
 
-import torch
-
-from cribo.backbones import BackboneLoadError, load_backbone
-from index.datasets import DEFAULT_SPLITS, KINDS, DatasetError, open_dataset
+from cribo.backbones import BackboneLoadError
+from index.cli import add_backbone_args, add_data_args, add_extraction_args, backbone_from_args
+from index.datasets import DEFAULT_SPLITS, DatasetError, open_dataset
 from index.features import FeatureCacheError
 from index.protocol import build_support_index
 from index.store import INDEX_KINDS, IndexParams
@@ -25,15 +24,9 @@ from index.store import INDEX_KINDS, IndexParams
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=KINDS, help="dataset layout")
-    p.add_argument("--root", required=True, help="dataset folder (VOC: holds JPEGImages/ or VOC2012/)")
+    add_data_args(p)
     p.add_argument("--split", help="support split (default: train_aug / training / train)")
-    p.add_argument("--backbone", help="timm arch, 'builtin' or a preset (default: builtin, or the arch "
-                                      "recorded in a self-describing --weights file)")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--weights", help="backbone weights file (export, state dict, CrIBo/DINO checkpoint)")
-    w.add_argument("--random-init", action="store_true", help="freshly initialised --backbone (with --init-seed)")
-    p.add_argument("--init-seed", type=int, default=0, help="seed of --random-init (default 0)")
+    add_backbone_args(p, "--init-seed")
     p.add_argument("--ratio", type=int, default=1, help="keep round(N/ratio) images (default 1: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the support selection (ignored for ratio 1)")
     p.add_argument("--index", default="flat", choices=sorted(INDEX_KINDS), help="flat (exact), ivf or hnsw (fp16)")
@@ -41,23 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=IndexParams.nprobe, help="ivf lists searched per query")
     p.add_argument("--ef-search", type=int, default=IndexParams.ef_search, help="hnsw search beam")
     p.add_argument("--out", required=True, help="index directory to write")
-    p.add_argument("--cache-dir", default=".cache/features", help="feature cache root (default .cache/features)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward (default 16)")
-    p.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2)")
+    add_extraction_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     split = args.split or DEFAULT_SPLITS[args.dataset][0]
-    name = args.backbone or (None if args.weights else "builtin")
     params = IndexParams(nlist=args.nlist, nprobe=args.nprobe, ef_search=args.ef_search, seed=args.seed)
     try:
-        backbone = load_backbone(name, args.weights, random_init=args.random_init, seed=args.init_seed,
-                                 device=args.device)
+        backbone = backbone_from_args(args)
         dataset = open_dataset(args.dataset, args.root, split)
         index = build_support_index(
             backbone, dataset, ratio=args.ratio, seed=args.seed, kind=args.index, cache_dir=args.cache_dir,

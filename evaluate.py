@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from cribo.backbones import BackboneLoadError, load_backbone
-from index.datasets import DEFAULT_SPLITS, KINDS, DatasetError, open_dataset
+from cribo.backbones import BackboneLoadError
+from index.cli import add_backbone_args, add_data_args, add_extraction_args, backbone_from_args
+from index.datasets import DEFAULT_SPLITS, DatasetError, open_dataset
 from index.features import FeatureCacheError
 from index.protocol import LEVELS, VOTES, run_protocol
 from index.report import format_table, format_timing
@@ -35,16 +34,10 @@ def _ratios(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=KINDS, help="dataset layout")
-    p.add_argument("--root", required=True, help="dataset folder (VOC: holds JPEGImages/ or VOC2012/)")
+    add_data_args(p)
     p.add_argument("--train-split", help="support split (default: train_aug / training / train)")
     p.add_argument("--val-split", help="query split (default: val / validation / val)")
-    p.add_argument("--backbone", help="timm arch, 'builtin' or a preset (default: builtin, or the arch "
-                                      "recorded in a self-describing --weights file)")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--weights", help="backbone weights file (export, state dict, CrIBo/DINO checkpoint)")
-    w.add_argument("--random-init", action="store_true", help="freshly initialised --backbone (with --seed)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
+    add_backbone_args(p, "--seed")
     p.add_argument("--ratios", type=_ratios, default=[1, 8, 64, 128], help="support ratios 1/n (default 1,8,64,128)")
     p.add_argument("--seeds", type=int, default=5, help="runs per ratio > 1, seeds 0..S-1 (default 5)")
     p.add_argument("--k", type=int, default=50, help="neighbours per query patch (default 50)")
@@ -52,13 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vote", default="majority", choices=VOTES, help="label transfer (default majority)")
     p.add_argument("--level", default="patch", choices=LEVELS, help="score patches (paper) or pixels")
     p.add_argument("--out", default="results/results.json", help="results JSON; .csv/.md/.png go beside it")
-    p.add_argument("--cache-dir", default=".cache/features", help="feature cache root (default .cache/features)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="auto = bf16 where the device has bf16 arithmetic, else fp32")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward (default 16)")
-    p.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2)")
+    add_extraction_args(p)
     return p
 
 
@@ -66,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     train_split = args.train_split or DEFAULT_SPLITS[args.dataset][0]
     val_split = args.val_split or DEFAULT_SPLITS[args.dataset][1]
-    name = args.backbone or (None if args.weights else "builtin")
     try:
-        backbone = load_backbone(name, args.weights, random_init=args.random_init, seed=args.seed, device=args.device)
+        backbone = backbone_from_args(args)
         train_ds = open_dataset(args.dataset, args.root, train_split)
         val_ds = open_dataset(args.dataset, args.root, val_split)
         results = run_protocol(

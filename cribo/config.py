@@ -214,34 +214,32 @@ def register_preset(name: str, description: str, **overrides: Any) -> Preset:
     return PRESETS[name]
 
 
-# The paper trained with fp16 + GradScaler (DINO's default); precision "auto" (bf16 on GPUs) is the
-# default here because bf16 needs no scaler. Pass --precision fp16 for the reference's arithmetic.
+# What the three released runs share (method-reference.md, "Heads, losses, optimisation"). The paper
+# trained with fp16 + GradScaler (DINO's default); precision "auto" (bf16 on GPUs) is the default here
+# because bf16 needs no scaler. Pass --precision fp16 for the reference's arithmetic.
+_PAPER_RECIPE = dict(img_size=224, drop_path=0.1, out_dim=65536, bank_images=25000, warmup_epochs=10,
+                     weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
+                     warmup_teacher_temp=0.04, teacher_temp=0.07, ci_start_epoch=1)
 register_preset(
     "in1k-vits16",
     "ImageNet-1k ViT-S/16, 800 epochs at global batch 1024 (e.g. 8 x 128): K=32, lambda_pos=1, S=25k.",
-    arch="vit_small_patch16_224", img_size=224, drop_path=0.1, out_dim=65536,
-    num_clusters=32, lambda_pos=1.0, bank_images=25000,
-    lr=5e-4, min_lr=1e-5, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
-    momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.07, teacher_temp_warmup_epochs=30,
-    freeze_last_layer_epochs=1, ci_start_epoch=1, clip_grad=3.0,
+    arch="vit_small_patch16_224", num_clusters=32, lambda_pos=1.0,
+    lr=5e-4, min_lr=1e-5, teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1, clip_grad=3.0,
+    **_PAPER_RECIPE,
 )
 register_preset(
     "in1k-vitb16",
     "ImageNet-1k ViT-B/16, 400 epochs at global batch 1024: K=32, lambda_pos=1, S=25k, lr 7.5e-4, clip 0.3.",
-    arch="vit_base_patch16_224", img_size=224, drop_path=0.1, out_dim=65536,
-    num_clusters=32, lambda_pos=1.0, bank_images=25000,
-    lr=7.5e-4, min_lr=2e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
-    momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.07, teacher_temp_warmup_epochs=50,
-    freeze_last_layer_epochs=3, ci_start_epoch=1, clip_grad=0.3,
+    arch="vit_base_patch16_224", num_clusters=32, lambda_pos=1.0,
+    lr=7.5e-4, min_lr=2e-6, teacher_temp_warmup_epochs=50, freeze_last_layer_epochs=3, clip_grad=0.3,
+    **_PAPER_RECIPE,
 )
 register_preset(
     "coco-vits16",
     "COCO ViT-S/16, 300 epochs at global batch 256: K=64, lambda_pos=2, S=25k.",
-    arch="vit_small_patch16_224", img_size=224, drop_path=0.1, out_dim=65536,
-    num_clusters=64, lambda_pos=2.0, bank_images=25000,
-    lr=5e-4, min_lr=1e-5, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
-    momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.07, teacher_temp_warmup_epochs=30,
-    freeze_last_layer_epochs=1, ci_start_epoch=1, clip_grad=3.0,
+    arch="vit_small_patch16_224", num_clusters=64, lambda_pos=2.0,
+    lr=5e-4, min_lr=1e-5, teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1, clip_grad=3.0,
+    **_PAPER_RECIPE,
 )
 register_preset(
     "cpu-tiny",
