@@ -3,7 +3,7 @@ batch mIoU and in-context labelling, on top of the ``cribo`` and ``index`` libra
 
 Modules: :mod:`app.state` (lazily loaded backbone, indices, banks), :mod:`app.inputs` (upload checks),
 :mod:`app.pipeline` (one-image segmentation), :mod:`app.objects` (clusters, bank matches),
-:mod:`app.evaluation` (batch mIoU of an index), :mod:`app.label` (painted mask -> patches),
+:mod:`app.label` (painted mask -> patches),
 :mod:`app.draw` (pictures), :mod:`app.handlers` (one action per button), :mod:`app.ui` (layout).
 Importing the package loads nothing (gradio, torch and the models are imported on use).
 """

@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image
 
 from app import draw
-from app.evaluation import evaluate_index, subset
 from app.inputs import InputError, LoadedImage, load_image, load_mask
 from app.label import editor_mask, labelled_patches
 from app.objects import build_bank, cluster_images, match_objects, view_pixels
@@ -252,7 +251,8 @@ class Handlers:
                  index_dir: str = "", k: int = 50, vote: str = "majority", labelled: IndexEntry | None = None,
                  progress=None):
         """-> summary Markdown, per-class rows, chart PNG path, [JSON, CSV] paths, results dict."""
-        from index.datasets import open_dataset
+        from index.datasets import FileSegDataset, open_dataset
+        from index.protocol import score_index
         from index.report import format_timing, write_reports
 
         cfg = self.state.config
@@ -263,12 +263,14 @@ class Handlers:
         entry = self.current(index_dir, labelled)
         dataset = open_dataset(kind, str(root).strip(), str(split).strip())
         if max_images and int(max_images) > 0:
-            dataset = subset(dataset, int(max_images))
+            if not isinstance(dataset, FileSegDataset):
+                raise InputError(f"'max images' below the split size works for file datasets only, not {dataset.kind}")
+            dataset = dataset.head(int(max_images))
         report = progress or (lambda frac, desc: None)
-        results = evaluate_index(self.state.backbone(), entry.index, entry.class_names, dataset, k=int(k), vote=vote,
-                                 cache_dir=Path(cfg.cache_dir) / "features", device=cfg.device,
-                                 precision=cfg.precision, num_workers=cfg.num_workers,
-                                 progress=lambda f, d: report(f, desc=d))
+        results = score_index(self.state.backbone(), entry.index, entry.class_names, dataset, k=int(k), vote=vote,
+                              cache_dir=Path(cfg.cache_dir) / "features", device=cfg.device,
+                              precision=cfg.precision, num_workers=cfg.num_workers,
+                              progress=lambda f, d: report(f, desc=d))
         out = self._new_dir() / f"evaluate_{_safe_stem(kind)}_{_safe_stem(split)}.json"
         paths = write_reports(results, out)
         (ratio, run), = results["ratios"].items()

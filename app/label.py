@@ -5,7 +5,7 @@ painted pixel maps back to a class by exact colour equality. Only fully opaque p
 class colour count; anti-aliased brush edges (partial alpha or blended colours) become void, and so do
 unpainted pixels. The labelled patches then come from the protocol's own rules
 (:func:`index.labels.patch_labels` at the protocol resolution) and the image's tokens from
-:func:`app.pipeline.image_tokens`, ready for :meth:`index.store.SupportIndex.add`.
+:func:`index.features.image_features`, ready for :meth:`index.store.SupportIndex.add`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from app.inputs import InputError
-from app.pipeline import image_tokens
+from index.features import image_features
 from index.labels import patch_labels, resize_mask
 
 VOID = 255
@@ -74,7 +74,7 @@ def labelled_patches(backbone, image: np.ndarray, mask: np.ndarray, num_classes:
     A patch's label is the majority of its painted pixels (void = unpainted, ignored), as the
     protocol labels support patches; patches without painted pixels are left out.
     """
-    tokens, grid = image_tokens(backbone, image, device=device, precision=precision)
+    tokens, grid = image_features(backbone, image, device=device, precision=precision)
     p = int(backbone.patch_size)
     labels = patch_labels(resize_mask(mask, (grid[0] * p, grid[1] * p)), p, num_classes, VOID)
     keep = labels >= 0

@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO))
 from app.draw import class_palette  # noqa: E402
 from app.handlers import render_segmentation  # noqa: E402
 from app.inputs import load_image  # noqa: E402
-from app.pipeline import image_tokens, segment  # noqa: E402
+from app.pipeline import segment  # noqa: E402
+from index.features import image_features  # noqa: E402
 from app.state import IndexEntry  # noqa: E402
 from cribo.backbones import BUILTIN_WEIGHTS, load_backbone  # noqa: E402
 from index.datasets import open_dataset  # noqa: E402
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     img = load_image(str(val.image_paths[i]), max_side=1024, max_pixels=40_000_000)
     print(f"query: {val.ids[i]} {img.original_size[1]}x{img.original_size[0]}")
 
-    image_tokens(backbone, img.pixels)  # warm-up
-    fwd = statistics.median(_timed(lambda: image_tokens(backbone, img.pixels)) for _ in range(a.repeats))
+    image_features(backbone, img.pixels)  # warm-up
+    fwd = statistics.median(_timed(lambda: image_features(backbone, img.pixels)) for _ in range(a.repeats))
     print(f"baseline: bare forward (tokens of one image) {1000 * fwd:.0f} ms\n")
 
     header = f"{'index':<6} {'build s':>8} {'forward':>9} {'search':>9} {'vote':>9} {'drawing':>9} {'total':>9} " \
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     params = IndexParams(nlist=a.nlist, nprobe=a.nprobe, train_size=a.train_size, seed=0)
-    xq, _ = image_tokens(backbone, img.pixels)
+    xq, _ = image_features(backbone, img.pixels)
     exact_I = exact_pred = None
     with tempfile.TemporaryDirectory() as tmp:
         for kind in a.kinds.split(","):

@@ -273,6 +273,14 @@ class FileSegDataset(SegDataset):
                     f"Restore the files or remove the ids from the split"
                 )
 
+    def head(self, n: int) -> "FileSegDataset":
+        """The first ``n`` images of this split (same classes and mask mapping), e.g. for a quick run."""
+        if n >= len(self.ids):
+            return self
+        return FileSegDataset(kind=self.kind, name=self.name, root=self.root, split=self.split,
+                              ids=self.ids[:n], class_names=self.class_names, image_paths=self.image_paths[:n],
+                              mask_paths=self.mask_paths[:n], lut=self.lut)
+
     def image_path(self, i: int) -> Path:
         return self.image_paths[i]
 

@@ -45,14 +45,42 @@ from tqdm.auto import tqdm
 from cribo.precision import autocast, resolve_precision
 from index.labels import patch_labels, protocol_size, resize_image, resize_mask
 
-__all__ = ["FeatureSet", "extract_features", "dataset_fingerprint", "cache_key", "size_batches",
-           "IMAGENET_MEAN", "IMAGENET_STD", "RESOLUTION_RULE", "FeatureCacheError"]
+__all__ = ["FeatureSet", "extract_features", "image_features", "normalise_pixels", "dataset_fingerprint",
+           "cache_key", "size_batches", "IMAGENET_MEAN", "IMAGENET_STD", "RESOLUTION_RULE", "FeatureCacheError"]
 
 FORMAT_VERSION = 1
 RESOLUTION_RULE = "floor-to-patch-multiple"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURES_FILE, LABELS_FILE, META_FILE = "features.npy", "labels.npy", "meta.json"
+
+
+def normalise_pixels(x: torch.Tensor) -> torch.Tensor:
+    """``x (B, 3, H, W)`` uint8 pixels -> float32 ImageNet-normalised model input, on ``x``'s device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float().div_(255) - mean) / std
+
+
+@torch.inference_mode()
+def image_features(backbone: Any, image: np.ndarray, *, device: str | torch.device = "cpu",
+                   precision: str = "auto") -> tuple[np.ndarray, tuple[int, int]]:
+    """L2-normalised patch tokens of one ``image (H, W, 3) uint8`` at the protocol resolution.
+
+    The one-image counterpart of :func:`extract_features` (same resize, normalisation, precision
+    policy and L2 normalisation; the tokens are rounded through float16 like the cache), so that the
+    prediction for an image equals the protocol's for the same image.
+
+    Returns ``tokens (h*w, D) float32`` and ``grid = (h, w)``.
+    """
+    device = torch.device(device)
+    size = protocol_size(image.shape[0], image.shape[1], int(backbone.patch_size))
+    pixels = np.require(resize_image(image, size), requirements="W")  # Pillow's arrays are read-only
+    x = normalise_pixels(torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device))
+    with autocast(resolve_precision(precision, device), device):
+        out = backbone.forward_features(x)
+    tokens = F.normalize(out["x_norm_patchtokens"][0].float(), dim=-1)  # (h*w, D)
+    return tokens.to(torch.float16).float().cpu().numpy(), tuple(out["grid"])
 
 
 class FeatureCacheError(RuntimeError):
@@ -300,8 +328,6 @@ def _extract_into(out: Path, backbone: Any, dataset: Any, precision: str, device
     feats = np.lib.format.open_memmap(out / FEATURES_FILE, mode="w+", dtype=np.float16, shape=(total, D))
     images = DataLoader(_ImagePass(dataset, sizes, psizes), batch_sampler=size_batches(psizes, batch_size),
                         pin_memory=device.type == "cuda", **loader_kw)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     was_training = backbone.training
     backbone.to(device).eval()
     forward_s = 0.0
@@ -309,7 +335,7 @@ def _extract_into(out: Path, backbone: Any, dataset: Any, precision: str, device
     try:
         with torch.inference_mode():
             for idx, x in images:
-                x = (x.to(device, non_blocking=True).float().div_(255) - mean) / std
+                x = normalise_pixels(x.to(device, non_blocking=True))
                 h, w = int(grids[idx[0], 0]), int(grids[idx[0], 1])
                 t0 = time.perf_counter()
                 with autocast(precision, device):

@@ -45,13 +45,12 @@ from index.labels import patch_class_histograms, resize_mask
 from index.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from index.report import log_event, write_reports
 from index.store import INDEX_KINDS, IndexParams, SupportIndex, select_support
-from index.transfer import check_k, knn_vote, soft_vote
+from index.transfer import SOFT_TEMPERATURE, VOTES, check_k, transfer_labels
 
-__all__ = ["run_protocol", "build_support_index", "backbone_meta", "VOTES", "LEVELS", "SOFT_TEMPERATURE"]
+__all__ = ["run_protocol", "score_index", "build_support_index", "backbone_meta", "VOTES", "LEVELS",
+           "SOFT_TEMPERATURE"]
 
-VOTES = ("majority", "soft")
 LEVELS = ("patch", "pixel")
-SOFT_TEMPERATURE = 0.02  # Hummingbird's softmax temperature over cosine similarities
 QUERY_CHUNK = 16384  # query patches searched at a time: bounds the (chunk, k) results and the float32 copy
 
 
@@ -163,6 +162,26 @@ def _nan_to_none(values: np.ndarray) -> list[float | None]:
     return [None if np.isnan(v) else float(v) for v in values]
 
 
+def _predict(index: SupportIndex, features: np.ndarray, rows: np.ndarray, k: int, num_classes: int, vote: str,
+             support_hist: np.ndarray | None = None,
+             progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, float, float]:
+    """Label the query patches ``features[rows]`` (``features (N, D)``, e.g. a memory-mapped cache) by
+    k-NN transfer from ``index``, ``QUERY_CHUNK`` rows at a time (so the float copy stays bounded).
+    Returns ``pred (len(rows),)`` int64 and the seconds spent in search and in the vote."""
+    pred = np.empty(rows.size, dtype=np.int64)
+    search_s = vote_s = 0.0
+    for s in range(0, rows.size, QUERY_CHUNK):
+        if progress is not None:
+            progress(s)
+        t0 = time.perf_counter()
+        D, I = index.search(features[rows[s:s + QUERY_CHUNK]], k)
+        t1 = time.perf_counter()
+        pred[s:s + QUERY_CHUNK], _ = transfer_labels(D, I, index.labels, num_classes, vote, support_hist)
+        vote_s += time.perf_counter() - t1
+        search_s += t1 - t0
+    return pred, search_s, vote_s
+
+
 def run_protocol(
     backbone: Any,
     train_ds: Any,
@@ -263,18 +282,7 @@ def run_protocol(
         hist = _support_histograms(train_ds, fs_tr, images, C, hist_memo) if vote == "soft" else None
         tm["index_build"] += time.perf_counter() - t0
         check_k(k, index.ntotal)
-        pred = np.empty(qrows.size, dtype=np.int64)
-        for s in range(0, qrows.size, QUERY_CHUNK):
-            t0 = time.perf_counter()
-            D, I = index.search(fs_va.features[qrows[s:s + QUERY_CHUNK]], k)
-            t1 = time.perf_counter()
-            if vote == "majority":
-                pred[s:s + QUERY_CHUNK], _ = knn_vote(I, index.labels, C, D)
-            else:
-                pred[s:s + QUERY_CHUNK] = soft_vote(D, I, hist, SOFT_TEMPERATURE).argmax(axis=1)
-            t2 = time.perf_counter()
-            tm["search"] += t1 - t0
-            tm["vote"] += t2 - t1
+        pred, tm["search"], tm["vote"] = _predict(index, fs_va.features, qrows, k, C, vote, hist)
         t0 = time.perf_counter()
         if pairs is None:
             conf = confusion_matrix(pred, gt, C)
@@ -339,3 +347,71 @@ def run_protocol(
         paths = write_reports(results, out)
         log("written", **{key: str(v) for key, v in paths.items()})
     return results
+
+
+def score_index(backbone: Any, index: SupportIndex, class_names: Sequence[str], dataset: Any, *, k: int = 50,
+                vote: str = "majority", cache_dir: str | os.PathLike = ".cache/features", device: str = "cpu",
+                precision: str = "auto", num_workers: int = 2,
+                progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+    """Patch-level mIoU (percent) of a given support ``index`` on every labelled patch of ``dataset``.
+
+    :func:`run_protocol` builds its own indices from a training split (every ratio and seed); this
+    scores one index as it is (one from ``build_index.py``, the app's built-in one, or one extended by
+    in-context labelling), with the same steps: cached query features, search, vote, one confusion
+    matrix over the split. For an index built by :func:`build_support_index` at ratio 1/n and seed s
+    the mIoU equals ``run_protocol``'s run of ratio n and seed s. Returns a results dict in
+    ``run_protocol``'s layout with one "ratio" entry (the index's, one run with its seed) plus
+    ``index_source``; ``index.report.write_reports`` writes it. ``progress(fraction, text)`` is called
+    as the work advances.
+    """
+    t_start = time.perf_counter()
+    C = len(class_names)
+    if list(dataset.class_names) != list(class_names):
+        raise ValueError(f"the query split {dataset.split!r} of {dataset.root} has other classes "
+                         f"({len(dataset.class_names)}) than the support index ({C}): evaluate an index on "
+                         "a split of the dataset it was built from")
+    check_k(k, index.ntotal)
+    progress = progress or (lambda fraction, text: None)
+    progress(0.0, "features")
+    t0 = time.perf_counter()
+    fs = extract_features(backbone, dataset, cache_dir, precision=precision, device=device,
+                          num_workers=num_workers, progress=True)
+    extract_s = time.perf_counter() - t0
+    qrows = np.nonzero(fs.labels >= 0)[0]
+    if qrows.size == 0:
+        raise ValueError(f"query split {dataset.split!r} has no labelled patch to score")
+    gt = fs.labels[qrows]
+    pred, search_s, vote_s = _predict(
+        index, fs.features, qrows, k, C, vote,
+        progress=lambda s: progress(s / qrows.size, f"search + vote ({s:,} / {qrows.size:,} patches)"))
+    t0 = time.perf_counter()
+    conf = confusion_matrix(pred, gt, C)
+    miou, acc = _percent(mean_iou(conf)), _percent(pixel_accuracy(conf))
+    per_class = _nan_to_none(100.0 * iou_per_class(conf))
+    metric_s = time.perf_counter() - t0
+    meta = index.meta
+    ratio = str(int(meta.get("ratio", 1)))
+    run = {"miou": [miou], "seeds": [int(meta.get("seed", 0))], "support_ids": [list(meta.get("image_ids", []))],
+           "pixel_accuracy": [acc], "per_class_iou": [per_class],
+           "num_support_images": len(meta.get("image_ids", [])), "num_support_patches": [int(index.ntotal)],
+           "mean": miou, "std": 0.0, "pixel_accuracy_mean": acc,
+           "timing": {"search": search_s, "vote": vote_s, "metric": metric_s}}
+    progress(1.0, "done")
+    return {
+        "ratios": {ratio: run},
+        "backbone": backbone_meta(backbone),
+        "dataset": {"kind": dataset.kind, "name": getattr(dataset, "name", dataset.kind), "root": str(dataset.root),
+                    "train_split": meta.get("split", "?"), "val_split": dataset.split,
+                    "num_train_images": len(meta.get("image_ids", [])), "num_val_images": len(dataset.ids),
+                    "val_fingerprint": dataset.fingerprint()},
+        "index_source": {"kind": index.kind, "ntotal": int(index.ntotal), "dataset": meta.get("dataset", {}),
+                         "ratio": meta.get("ratio"), "seed": meta.get("seed")},
+        "k": int(k), "index": index.kind, "vote": vote, "level": "patch", "class_names": list(class_names),
+        "per_class_iou": {ratio: per_class}, "num_query_patches": int(qrows.size),
+        "patch_size": int(backbone.patch_size), "resolution_rule": RESOLUTION_RULE,
+        "precision": fs.meta["precision"], "std_ddof": 0,
+        "timing": {"forward": fs.meta["forward_seconds"], "forward_cached": bool(fs.meta["cached"]),
+                   "extract": extract_s, "search": search_s, "vote": vote_s, "metric": metric_s,
+                   "total": time.perf_counter() - t_start},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["knn_vote", "soft_vote", "check_k"]
+__all__ = ["knn_vote", "soft_vote", "transfer_labels", "check_k", "VOTES", "SOFT_TEMPERATURE"]
 
+VOTES = ("majority", "soft")
+SOFT_TEMPERATURE = 0.02  # Hummingbird's softmax temperature over cosine similarities
 _CHUNK_BYTES = 64 * 2**20  # working-set budget per chunk of query rows
 
 
@@ -176,3 +178,38 @@ def _check_D(D: np.ndarray, I: np.ndarray) -> None:
             f"D is not sorted by decreasing similarity (row {row}): knn_vote expects inner-product "
             f"similarities in faiss order, not L2 distances"
         )
+
+
+def transfer_labels(
+    D: np.ndarray,
+    I: np.ndarray,
+    support_labels: np.ndarray,
+    num_classes: int,
+    vote: str = "majority",
+    support_hist: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``pred (nq,)`` and confidence ``(nq,)`` from the neighbours ``D, I (nq, k)`` by ``vote``.
+
+    majority: :func:`knn_vote` (confidence = the winner's share of the valid votes).
+    soft: :func:`soft_vote` at :data:`SOFT_TEMPERATURE` over ``support_hist (nb, C)``, the support
+    patches' class histograms; without it (a saved index keeps each patch's majority label only) over
+    one-hot histograms of ``support_labels``, built for the neighbours that occur only, so memory is
+    (distinct neighbours, C). Confidence = the winning class probability; ``pred`` is -1 for a query
+    without any valid neighbour.
+    """
+    if vote == "majority":
+        return knn_vote(I, support_labels, num_classes, D)
+    if vote != "soft":
+        raise ValueError(f"unknown vote {vote!r}: choose one of {VOTES}")
+    I = _check_I(I, np.asarray(support_labels).shape[0])
+    found = I >= 0
+    if support_hist is None:
+        uniq, local = np.unique(I[found], return_inverse=True)
+        support_hist = np.zeros((uniq.size, num_classes), np.float32)
+        support_hist[np.arange(uniq.size), np.asarray(support_labels)[uniq]] = 1.0
+        I = np.where(found, 0, -1)
+        I[found] = local
+    probs = soft_vote(D, I, support_hist, SOFT_TEMPERATURE)
+    pred = probs.argmax(axis=1)
+    pred[~found.any(axis=1)] = -1
+    return pred, probs.max(axis=1)

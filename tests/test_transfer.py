@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from index.transfer import check_k, knn_vote, soft_vote
+from index.transfer import SOFT_TEMPERATURE, check_k, knn_vote, soft_vote, transfer_labels
 
 # support patch j has class LABELS[j]
 LABELS = np.array([0, 1, 2, 3, 1, 2, 3, 0], dtype=np.int64)
@@ -141,3 +141,26 @@ def test_soft_vote_chunking_and_errors():
         soft_vote(D, I, hist, temperature=0)
     with pytest.raises(ValueError, match="same shape"):
         soft_vote(D[:, :2], I, hist)
+
+
+def test_transfer_labels_majority_and_soft():
+    # 3 support patches with labels 0, 1, 1; two queries, k = 2, and a query with no neighbour
+    labels = np.array([0, 1, 1])
+    I = np.array([[0, 1], [2, 1], [-1, -1]])
+    D = np.array([[0.9, 0.5], [0.8, 0.7], [-np.inf, -np.inf]], dtype=np.float32)
+    pred, share = transfer_labels(D, I, labels, 3, "majority")
+    np.testing.assert_array_equal(pred, [0, 1, -1])  # tie 0 vs 1 -> nearest neighbour's class
+    np.testing.assert_allclose(share, [0.5, 1.0, 0.0])
+    # soft without histograms: one-hot of the labels; weights softmax(D / 0.02)
+    pred, conf = transfer_labels(D, I, labels, 3, "soft")
+    w0 = 1.0 / (1.0 + math.exp((0.5 - 0.9) / SOFT_TEMPERATURE))
+    np.testing.assert_array_equal(pred, [0, 1, -1])
+    np.testing.assert_allclose(conf, [w0, 1.0, 0.0], rtol=1e-5)
+    # the same as soft_vote over the full one-hot table, and a given histogram table is used as is
+    full = np.eye(3, dtype=np.float32)[labels]
+    np.testing.assert_allclose(conf[:2], soft_vote(D[:2], I[:2], full).max(axis=1), rtol=1e-6)
+    hist = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]], dtype=np.float32)
+    pred, _ = transfer_labels(D, I, labels, 3, "soft", support_hist=hist)
+    np.testing.assert_array_equal(pred, [2, 1, -1])
+    with pytest.raises(ValueError, match="unknown vote"):
+        transfer_labels(D, I, labels, 3, "mean")
