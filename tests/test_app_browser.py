@@ -148,8 +148,18 @@ def test_label_tab_loads_the_editor_and_refuses_an_unpainted_image(page, shots, 
     canvas = page.locator("#lb-editor canvas").first
     page.wait_for_function("c => c.width > 0", arg=canvas.element_handle())
     upload(page, "lb-query", jpegs / "2007_000033.jpg")
-    page.click("#lb-btn")
-    toast = page.locator(".toast-body:has-text('nothing painted in a class colour')")
-    toast.wait_for()
+    # The editor's upload reaches the server a moment after the canvas shows it; on a loaded CPU a
+    # click in between is answered "upload a support image into the editor first" (what a user who
+    # clicks that fast sees too), so retry that message, and only that one, a few times.
+    for _ in range(5):
+        page.click("#lb-btn")
+        toast = page.locator(".toast-body").last
+        toast.wait_for()
+        text = toast.inner_text()
+        if "editor first" not in text:
+            break
+        page.locator(".toast-close").first.click()
+        page.wait_for_timeout(2000)
+    assert "nothing painted in a class colour" in text, text
     shots(page, "label")
     page.locator(".toast-close").first.click()
