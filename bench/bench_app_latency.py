@@ -38,11 +38,10 @@ from app.draw import class_palette  # noqa: E402
 from app.handlers import render_segmentation  # noqa: E402
 from app.inputs import load_image  # noqa: E402
 from app.pipeline import segment  # noqa: E402
-from index.features import image_features  # noqa: E402
 from app.state import IndexEntry  # noqa: E402
 from cribo.backbones import BUILTIN_WEIGHTS, load_backbone  # noqa: E402
 from index.datasets import open_dataset  # noqa: E402
-from index.features import extract_features  # noqa: E402
+from index.features import extract_features, image_features  # noqa: E402
 from index.store import IndexParams, SupportIndex  # noqa: E402
 
 GOAL_S = 1.0

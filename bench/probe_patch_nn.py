@@ -62,10 +62,10 @@ def main() -> None:
         feats.append(tokens)
         image_of.append(np.full(len(tokens), i))
         cell.append(np.arange(len(tokens)))
-    x = np.concatenate(feats).astype(np.float32)  # (P, D)
+    x = np.concatenate(feats).astype(np.float32)  # (P, D); backbone tokens are already L2-normalised
     if backbone is None:
         x -= x.mean(0)
-    x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-8
+        x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-8
     lab, img, pos = (np.concatenate(a) for a in (labels, image_of, cell))
 
     index = faiss.IndexFlatIP(x.shape[1])
