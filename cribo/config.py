@@ -18,6 +18,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from cribo.clustering import CLUSTERING_MODES
+from cribo.losses import CI_NORMALISATIONS
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BANK_DTYPES = ("fp32", "fp16", "bf16")
 
@@ -63,9 +66,11 @@ class TrainConfig:
     lambda_pos: float = 1.0             # positional cost weight (Eq. 16)
     n_outer: int = 5                    # clustering outer iterations
     n_sinkhorn: int = 5                 # Sinkhorn iterations per outer iteration
+    clustering: str = "paper"           # paper | reference (the authors' code, update_c): cribo.clustering
     bank_images: int = 25000            # S: images held in each FIFO bank
     bank_dtype: str = "fp16"            # storage dtype of the banks
     use_cross_image: bool = True        # False: ablation without L_ci^o (Table 5 row 2)
+    ci_normalisation: str = "paper"     # L_ci^o: paper (Z1, Z2) | reference (both by Z1): cribo.losses
     crop_scale: tuple[float, float] = (0.25, 1.0)
     # --- optimisation (DINO) ---------------------------------------------------------------------
     lr: float = 5e-4                    # base lr, scaled by global_batch / 256
@@ -115,6 +120,10 @@ class TrainConfig:
             raise bad("precision", f"choose one of {', '.join(PRECISIONS)}")
         if self.bank_dtype not in BANK_DTYPES:
             raise bad("bank_dtype", f"choose one of {', '.join(BANK_DTYPES)}")
+        if self.clustering not in CLUSTERING_MODES:
+            raise bad("clustering", f"choose one of {', '.join(CLUSTERING_MODES)} (--clustering)")
+        if self.ci_normalisation not in CI_NORMALISATIONS:
+            raise bad("ci_normalisation", f"choose one of {', '.join(CI_NORMALISATIONS)} (--ci-normalisation)")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:
             raise bad("stop_at", f"must be in [1, max_steps={self.max_steps}]")
         if not 0.0 <= self.drop_path < 1.0:

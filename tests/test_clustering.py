@@ -183,22 +183,40 @@ def test_clustering_input_errors():
         split_views(torch.zeros(2, 7, dtype=torch.long), 4)
 
 
-def test_sinkhorn_equals_alternating_normalisation_and_meets_marginals():
+def _plain_sinkhorn(cost: torch.Tensor, n_iter: int, c: torch.Tensor) -> torch.Tensor:
+    """The authors' ``sinkhorn`` (main_cribo.py:712-723) written out in float64: normalise the whole
+    matrix, then scale rows to 1/M and columns to c (B, 1, K), rows first."""
+    M = cost.shape[1]
+    R = torch.exp(-cost.double() / 0.05)
+    R = R / R.sum(dim=(1, 2), keepdim=True)
+    for _ in range(n_iter):
+        R = R * (1 / M) / R.sum(dim=2, keepdim=True)
+        R = R * c.double() / R.sum(dim=1, keepdim=True)
+    return R
+
+
+def test_sinkhorn_equals_alternating_normalisation_rows_first_and_meets_marginals():
     gen = torch.Generator().manual_seed(0)
     B, M, K = 2, 12, 4
     cost = torch.rand(B, M, K, generator=gen)
     Q = sinkhorn_knopp(cost, eps=0.05, n_iter=5)
-    # Independent plain version: normalise the whole matrix, then columns and rows alternately.
-    R = torch.exp(-cost.double() / 0.05)
-    R = R / R.sum(dim=(1, 2), keepdim=True)
-    for _ in range(5):
-        R = R / R.sum(dim=1, keepdim=True) / K
-        R = R / R.sum(dim=2, keepdim=True) / M
-    torch.testing.assert_close(Q.double(), R, rtol=1e-4, atol=1e-9)
-    torch.testing.assert_close(Q.sum(dim=2), torch.full((B, M), 1 / M), rtol=1e-5, atol=0)
-    # Columns converge with more iterations (5 is the method's budget, not convergence).
+    torch.testing.assert_close(Q.double(), _plain_sinkhorn(cost, 5, torch.full((B, 1, K), 1 / K)),
+                               rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(Q.sum(dim=1), torch.full((B, K), 1 / K), rtol=1e-5, atol=0)  # columns last
+    # Rows converge with more iterations (5 is the method's budget, not convergence).
     Q = sinkhorn_knopp(cost, eps=0.05, n_iter=300)
-    torch.testing.assert_close(Q.sum(dim=1), torch.full((B, K), 1 / K), rtol=1e-3, atol=0)
+    torch.testing.assert_close(Q.sum(dim=2), torch.full((B, M), 1 / M), rtol=1e-3, atol=0)
+
+
+def test_sinkhorn_with_size_weighted_column_marginals():
+    gen = torch.Generator().manual_seed(1)
+    B, M, K = 3, 10, 5
+    cost = torch.rand(B, M, K, generator=gen)
+    c = torch.rand(B, K, generator=gen) + 0.1
+    c = c / c.sum(dim=1, keepdim=True)
+    Q = sinkhorn_knopp(cost, eps=0.05, n_iter=5, col_marginals=c)
+    torch.testing.assert_close(Q.double(), _plain_sinkhorn(cost, 5, c[:, None, :]), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(Q.sum(dim=1), c, rtol=1e-5, atol=0)
 
 
 def test_object_representations_hand_example_and_counts():
