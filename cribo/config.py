@@ -223,32 +223,35 @@ def register_preset(name: str, description: str, **overrides: Any) -> Preset:
     return PRESETS[name]
 
 
-# What the three released runs share (method-reference.md, "Heads, losses, optimisation"). The paper
-# trained with fp16 + GradScaler (DINO's default); precision "auto" (bf16 on GPUs) is the default here
-# because bf16 needs no scaler. Pass --precision fp16 for the reference's arithmetic.
-_PAPER_RECIPE = dict(img_size=224, drop_path=0.1, out_dim=65536, bank_images=25000, warmup_epochs=10,
-                     weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
-                     warmup_teacher_temp=0.04, teacher_temp=0.07, ci_start_epoch=1)
+# The three released runs, field by field from the authors' argument files
+# (../shared/reference/released-args/*_args.json; tests/test_presets_released.py compares them and
+# docs/fidelity.md lists what has no counterpart). Their clustering is the authors' (``update_c``
+# true -> "reference") and so is their L_ci^o normalisation. Precision as released: fp16 + GradScaler
+# for the ViT-S runs (CUDA only: pass --precision bf16 or fp32 elsewhere), fp32 for the ViT-B run.
+_RELEASED_RECIPE = dict(img_size=224, drop_path=0.1, out_dim=65536, bank_images=25000, crop_scale=(0.25, 1.0),
+                        n_outer=5, n_sinkhorn=5, clustering="reference", ci_normalisation="reference",
+                        warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
+                        warmup_teacher_temp=0.04, teacher_temp=0.07, student_temp=0.1, ci_start_epoch=1, seed=0)
 register_preset(
     "in1k-vits16",
-    "ImageNet-1k ViT-S/16, 800 epochs at global batch 1024 (e.g. 8 x 128): K=32, lambda_pos=1, S=25k.",
-    arch="vit_small_patch16_224", num_clusters=32, lambda_pos=1.0,
-    lr=5e-4, min_lr=1e-5, teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1, clip_grad=3.0,
-    **_PAPER_RECIPE,
+    "ImageNet-1k ViT-S/16 as released: 800 epochs, 128 images per GPU, K=32, lambda_pos=1, S=25k, fp16.",
+    arch="vit_small_patch16_224", num_clusters=32, lambda_pos=1.0, norm_last_layer=False,
+    lr=5e-4, min_lr=1e-5, teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1, clip_grad=0.0,
+    precision="fp16", **_RELEASED_RECIPE,
 )
 register_preset(
     "in1k-vitb16",
-    "ImageNet-1k ViT-B/16, 400 epochs at global batch 1024: K=32, lambda_pos=1, S=25k, lr 7.5e-4, clip 0.3.",
-    arch="vit_base_patch16_224", num_clusters=32, lambda_pos=1.0,
+    "ImageNet-1k ViT-B/16 as released: 400 epochs, 64 images per GPU, K=32, lambda_pos=1, lr 7.5e-4, clip 0.3, fp32.",
+    arch="vit_base_patch16_224", num_clusters=32, lambda_pos=1.0, norm_last_layer=True,
     lr=7.5e-4, min_lr=2e-6, teacher_temp_warmup_epochs=50, freeze_last_layer_epochs=3, clip_grad=0.3,
-    **_PAPER_RECIPE,
+    precision="fp32", **_RELEASED_RECIPE,
 )
 register_preset(
     "coco-vits16",
-    "COCO ViT-S/16, 300 epochs at global batch 256: K=64, lambda_pos=2, S=25k.",
-    arch="vit_small_patch16_224", num_clusters=64, lambda_pos=2.0,
-    lr=5e-4, min_lr=1e-5, teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1, clip_grad=3.0,
-    **_PAPER_RECIPE,
+    "COCO ViT-S/16 as released: 300 epochs, 32 images per GPU, K=64, lambda_pos=2, S=25k, fp16.",
+    arch="vit_small_patch16_224", num_clusters=64, lambda_pos=2.0, norm_last_layer=False,
+    lr=5e-4, min_lr=1e-5, teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1, clip_grad=0.0,
+    precision="fp16", **_RELEASED_RECIPE,
 )
 register_preset(
     "cpu-tiny",
