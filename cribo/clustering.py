@@ -279,8 +279,10 @@ def joint_space_clustering(
         centroids = z.gather(1, seeds[..., None].expand(B, K, D))  # (B, K, D), unit norm
         assign = torch.full((B, M), -1, dtype=torch.long, device=device)
         assign.scatter_(1, seeds, torch.arange(K, device=device).expand(B, K))
-        sq_dist = (_pairwise_sq_distances(torch.cat([pos1, pos2], dim=1), zero_is_undefined=rules.zero_distance_undefined)
-                   if lambda_pos > 0 else None)
+        sq_dist = None
+        if lambda_pos > 0:  # positions do not move: the (B, M, M) distances once per call
+            sq_dist = _pairwise_sq_distances(torch.cat([pos1, pos2], dim=1),
+                                             zero_is_undefined=rules.zero_distance_undefined)
         row_offset = torch.arange(B, device=device)[:, None] * K  # flattened (b, k) rows
         col_marginals = None  # uniform 1/K; the reference re-weights them from the 2nd iteration on
         for it in range(n_outer):
