@@ -35,7 +35,7 @@ default ``--update_c true``, used by all three released runs)
 - Column marginals re-weighted after each outer iteration by the current cluster sizes:
   ``c_k = (|S_k| + 0.01) / sum_j (|S_j| + 0.01)`` (the first iteration is uniform).
 - Undefined T_pos entries (including a member at distance exactly 0) get the image's mean over ALL
-  (B, 2N, K) entries, undefined ones counted as 0.
+  (2N, K) entries, undefined ones counted as 0.
 - The total cost is min-max normalised over the WHOLE BATCH (one min and one max).
 - An empty cluster gets a zero centroid (its semantic cost is 0 for every token).
 The seeds, the rows-first / columns-last Sinkhorn and the row argmax are the same in both modes.
@@ -76,7 +76,7 @@ class ClusteringRules:
     """The rules on which the two modes differ (module docstring); each True is the reference's rule.
     Public for ablations (docs/fidelity.md measures each one); training selects a mode by name."""
 
-    size_marginals: bool          # column marginals oc cluster size + 0.01 (the reference's update_c)
+    size_marginals: bool          # column marginals = cluster sizes + 0.01, normalised (update_c)
     batch_normalisation: bool     # min-max of the cost over the whole batch (else per image)
     fill_mean_over_all: bool      # undefined T_pos -> mean over all entries, undefined as 0 (else defined)
     zero_distance_undefined: bool  # a member at distance exactly 0 counts as no member
@@ -89,7 +89,7 @@ CLUSTERING_RULES = {
     "reference": ClusteringRules(True, True, True, True, True),
 }
 CLUSTERING_MODES = tuple(CLUSTERING_RULES)
-#: The authors' smoothing of the size-weighted column marginals (``--update_c``): c_k oc |S_k| + 0.01.
+#: The authors' smoothing of the size-weighted column marginals (``--update_c``): c_k ~ |S_k| + 0.01.
 REFERENCE_MARGINAL_SMOOTHING = 1e-2
 
 

@@ -110,3 +110,18 @@ def test_config_rejects_unknown_modes_naming_the_flag():
         TrainConfig(data="d", output_dir="o", batch_size=1, max_steps=1, clustering="authors")
     with pytest.raises(ValueError, match=r"ci_normalisation='z1'.*\(--ci-normalisation\)"):
         TrainConfig(data="d", output_dir="o", batch_size=1, max_steps=1, ci_normalisation="z1")
+
+
+def test_fidelity_flags_reach_the_config_and_override_a_preset():
+    from train import build_train_parser
+
+    base = ["--data", "d", "--batch-size", "2", "--max-steps", "3", "--output-dir", "o"]
+    args = vars(build_train_parser().parse_args([*base, "--preset", "in1k-vits16", "--clustering", "paper"]))
+    config = config_from_preset(args.pop("preset"), **{k: v for k, v in args.items() if k != "crash_at_step"})
+    assert (config.clustering, config.ci_normalisation) == ("paper", "reference")  # flag wins, preset fills
+    args = vars(build_train_parser().parse_args([*base, "--arch", "vit_tiny_patch16_224", "--ci-normalisation",
+                                                 "reference"]))
+    config = config_from_preset(args.pop("preset"), **{k: v for k, v in args.items() if k != "crash_at_step"})
+    assert (config.clustering, config.ci_normalisation) == ("paper", "reference")  # defaults: paper
+    with pytest.raises(SystemExit):
+        build_train_parser().parse_args([*base, "--clustering", "authors"])
