@@ -357,3 +357,24 @@ def test_bf16_autocast_steps_stay_within_a_stated_tolerance_of_the_fp32_referenc
                       f"bf16 step {it}: bank")
         # and it is not the fp32 path in disguise
         assert abs(rec["out"]["loss_global"] - float(g[p + "loss_global"])) > 1e-5
+
+
+def test_reference_clustering_inside_the_engine_reproduces_the_authors_step_assignments(monkeypatch):
+    """End to end: with ``clustering="reference"`` and the step's seed tokens, the engine's own
+    clustering of the teacher's tokens (224 px ViT-Ti, 2N = 392, K = 8) gives the assignment the
+    authors' ``train_one_epoch`` computed at both golden steps."""
+    g = load("step.npz")
+    trainer = golden_trainer(g, clustering="reference")
+    real = engine.joint_space_clustering
+    for it in range(int(g["n_steps"])):
+        got = []
+
+        def seeded(*args, _seeds=T(g[f"t{it}_seeds"]), **kwargs):
+            assert kwargs["mode"] == "reference"
+            got.append(real(*args, **{**kwargs, "seeds": _seeds}))
+            return got[-1]
+
+        monkeypatch.setattr(engine, "joint_space_clustering", seeded)
+        trainer.step(golden_batch(g, it), it)
+        same = float((got[0] == T(g[f"t{it}_labels"])).float().mean())
+        assert same == 1.0, f"step {it}: {100 * same:.2f} % of tokens in the authors' cluster"
