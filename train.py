@@ -16,7 +16,9 @@ import argparse
 import json
 import sys
 
+from cribo.clustering import CLUSTERING_MODES
 from cribo.config import PRESETS, TrainConfig, config_from_preset
+from cribo.losses import CI_NORMALISATIONS
 
 DEFAULTS = TrainConfig.__dataclass_fields__
 
@@ -52,10 +54,16 @@ def build_train_parser() -> argparse.ArgumentParser:
     cr = p.add_argument_group("CrIBo")
     cr.add_argument("-K", "--num-clusters", type=int, help=_default("num_clusters"))
     cr.add_argument("--lambda-pos", type=float, help=_default("lambda_pos"))
+    cr.add_argument("--clustering", choices=CLUSTERING_MODES,
+                    help="paper: uniform marginals, per-image cost range; reference: the authors' code "
+                         "(size-weighted marginals, batch range; docs/fidelity.md) " + _default("clustering"))
     cr.add_argument("--bank-images", type=int, help="S, images per bank " + _default("bank_images"))
     cr.add_argument("--bank-dtype", choices=("fp32", "fp16", "bf16"), help=_default("bank_dtype"))
     cr.add_argument("--no-cross-image", dest="use_cross_image", action="store_const", const=False,
                     help="ablation: train without L_ci^o")
+    cr.add_argument("--ci-normalisation", choices=CI_NORMALISATIONS,
+                    help="L_ci^o: paper (each direction by its own count) or reference (both by Z1) "
+                         + _default("ci_normalisation"))
     cr.add_argument("--ci-start-epoch", type=float, help=_default("ci_start_epoch"))
     cr.add_argument("--ci-start-step", type=int, help="overrides --ci-start-epoch")
 

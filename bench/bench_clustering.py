@@ -1,4 +1,5 @@
-"""Joint-space clustering: time per image and peak memory, ours vs the reference's approach.
+"""Joint-space clustering: time per image and peak memory, ours (paper and reference modes) vs the
+reference's approach.
 
 Shapes of ViT-S/16 at 224 (N = 196 patches per view, 2N = 392 joint tokens, D = 384), batch 32,
 K = 32 (ImageNet) and K = 64 (COCO), lambda_pos = 1, 5 outer x 5 Sinkhorn iterations. Tokens are
@@ -10,6 +11,10 @@ positional cost, which materialises a (B, 2N, 2N, K) tensor (mask of "m is anoth
 distances broadcast over K, min over m) in every outer iteration, with the same Sinkhorn, per-image
 normalisation and update rules as ours, so that both produce the same assignments (checked).
 
+``reference`` is OUR code in ``mode="reference"`` (``--clustering reference``: size-weighted column
+marginals, batch-level cost range, the authors' fill and empty-cluster rules); its time against
+``ours`` (paper mode) is the step-time effect of choosing it.
+
 Each measurement runs in its own fresh process so that peak memory (``ru_maxrss``, which torch's
 allocator does not hide from the OS) is not polluted by the others: reported as the growth of the
 process's peak resident memory during the clustering calls, above the inputs.
@@ -20,6 +25,7 @@ process's peak resident memory during the clustering calls, above the inputs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -71,8 +77,8 @@ def baseline_clustering(z1, z2, pos1, pos2, K, lambda_pos, n_outer=5, n_sinkhorn
         Q = torch.exp(-(cost - lo) / (hi - lo) / eps)
         Q = Q / Q.sum(dim=(1, 2), keepdim=True)
         for _ in range(n_sinkhorn):
+            Q = Q / Q.sum(dim=2, keepdim=True) / M  # rows first, columns last (the authors' order)
             Q = Q / Q.sum(dim=1, keepdim=True) / K
-            Q = Q / Q.sum(dim=2, keepdim=True) / M
         assign = Q.argmax(dim=2)
         one_hot = F.one_hot(assign, K).float()
         sums = one_hot.transpose(1, 2) @ z
@@ -99,7 +105,10 @@ def make_inputs(B: int, N: int, D: int, seed: int = 0):
 def measure(method: str, B: int, N: int, D: int, K: int, repeats: int, warmup: int) -> dict:
     """Run in a fresh process: time per call and growth of peak RSS during the calls."""
     z1, z2, pos1, pos2 = make_inputs(B, N, D)
-    fn = joint_space_clustering if method == "ours" else baseline_clustering
+    if method == "baseline":
+        fn = baseline_clustering
+    else:
+        fn = functools.partial(joint_space_clustering, mode="paper" if method == "ours" else "reference")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     for _ in range(warmup):
         fn(z1, z2, pos1, pos2, K, 1.0, generator=torch.Generator().manual_seed(0))
@@ -125,6 +134,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed calls of ours (best reported)")
     ap.add_argument("--baseline-repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--methods", nargs="+", choices=("ours", "reference", "baseline"),
+                    default=["ours", "reference", "baseline"], help="ours = paper mode, reference = reference mode")
     ap.add_argument("--_one", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads is not None:
@@ -133,8 +144,9 @@ def main() -> None:
 
     if args._one:  # child process
         method, K = args._one[0], int(args._one[1])
-        reps = args.repeats if method == "ours" else args.baseline_repeats
-        print(json.dumps(measure(method, B, N, D, K, reps, warmup=1 if method == "ours" else 0)))
+        fast = method != "baseline"
+        reps = args.repeats if fast else args.baseline_repeats
+        print(json.dumps(measure(method, B, N, D, K, reps, warmup=1 if fast else 0)))
         return
 
     print(f"joint-space clustering, B={B}, 2N={2 * N}, D={D}, lambda_pos=1, 5x5 iterations; "
@@ -145,7 +157,7 @@ def main() -> None:
     print(f"{'K':>4} {'method':<9} {'ms/image':>9} {'(median)':>9} {'cpu ms/image':>13} {'peak MiB':>9}")
     for K in args.K:
         results = {}
-        for method in ("ours", "baseline"):
+        for method in args.methods:
             cmd = [sys.executable, __file__, "--batch", str(B), "--tokens", str(2 * N), "--dim", str(D),
                    "--repeats", str(args.repeats), "--baseline-repeats", str(args.baseline_repeats),
                    "--_one", method, str(K)]
@@ -156,7 +168,12 @@ def main() -> None:
             results[method] = r
             print(f"{K:>4} {method:<9} {r['ms_per_image']:>9.2f} {r['ms_per_image_median']:>9.2f} "
                   f"{r['cpu_ms_per_image']:>13.2f} {r['peak_mib']:>9.0f}")
-        ours, base = results["ours"], results["baseline"]
+        ours, base, ref = (results.get(m) for m in ("ours", "baseline", "reference"))
+        if ours and ref:
+            r, o = ref["cpu_ms_per_image"], ours["cpu_ms_per_image"]
+            print(f"{K:>4} ratio     reference/paper mode CPU time {r / o:.2f}x ({r - o:+.2f} ms per image)")
+        if not (ours and base):
+            continue
         same = torch.tensor(ours["assign"]).eq(torch.tensor(base["assign"])).float().mean().item()
         print(f"{K:>4} ratio     baseline/ours time {base['ms_per_image'] / ours['ms_per_image']:.1f}x, "
               f"memory {base['peak_mib'] / max(ours['peak_mib'], 1):.0f}x; identical assignments: "

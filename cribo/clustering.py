@@ -12,24 +12,33 @@ with ``S_k`` the tokens of cluster k in the previous assignment and ``E (2N, 2)`
 original-image pixels (:mod:`cribo.transforms`). Cluster k of view 1 and cluster k of view 2 form a
 cross-view pair for free; a cluster absent from one view is dropped (:func:`valid_objects`).
 
-Choices (the paper is silent; the authors' code is described in docs/method-reference.md):
+Two modes (``mode=``, ``--clustering``), measured against the authors' code in docs/fidelity.md:
 
+``paper`` (default; the paper's App. B where it speaks, our choices where it is silent)
 - Init: K distinct tokens drawn uniformly without replacement per image are the first centroids and
   the first assignment is one-hot on these seeds: every other token is in no cluster yet, so the
   first positional cost is the distance to each seed.
 - T_pos entries left undefined (the cluster is empty, or n is its only member) get the image's mean
-  of the defined entries; T_pos is then divided by its per-image maximum (as the reference). The
-  reference marks "undefined" with a 0 distance, so it would also overwrite a true 0 distance (two
-  tokens at the same position); we mark it with +inf and keep true zeros.
-- The total cost is min-max normalised PER IMAGE to [0, 1] (the reference normalises over the whole
-  batch tensor, which couples images: one image's range would change another's assignment).
-- Sinkhorn-Knopp: ``P = exp(-T / eps)``, eps = 0.05 (lambda = 20 in Eq. 13), ``n_sinkhorn``
-  alternating column / row scalings to the UNIFORM marginals of Eq. 14 (columns 1/K, rows 1/2N).
-  The reference re-weights the column marginals by the current cluster sizes + 0.01; the paper says
-  uniform ("we use uniform distributions ... for the marginals", App. B), and so do we. Since T is in
-  [0, 1] after normalisation, P is in [exp(-20), 1]: no under/overflow in fp32, no log-domain needed.
+  of the DEFINED entries; T_pos is then divided by its per-image maximum. Undefined is marked with
+  +inf, so a true 0 distance (two tokens at the same position) is kept as 0.
+- The total cost is min-max normalised PER IMAGE to [0, 1] (one image's range never changes another's
+  assignment).
+- Sinkhorn-Knopp: ``P = exp(-T / eps)``, eps = 0.05 (lambda = 20 in Eq. 13), ``n_sinkhorn`` alternating
+  row / column scalings to the UNIFORM marginals of Eq. 14 (rows 1/2N, columns 1/K), rows first and
+  columns last, as the authors' code. Since T is in [0, 1] after normalisation, P is in
+  [exp(-20), 1]: no under/overflow in fp32, no log-domain needed.
 - Hard assignment: row argmax (ties to the lowest cluster id). Centroids: L2-normalised sum of the
   members (Eq. 15); an empty cluster keeps its previous centroid.
+
+``reference`` (the authors' ``Clustering.compute_assignments``, main_cribo.py:725-816, with their
+default ``--update_c true``, used by all three released runs)
+- Column marginals re-weighted after each outer iteration by the current cluster sizes:
+  ``c_k = (|S_k| + 0.01) / sum_j (|S_j| + 0.01)`` (the first iteration is uniform).
+- Undefined T_pos entries (including a member at distance exactly 0) get the image's mean over ALL
+  (2N, K) entries, undefined ones counted as 0.
+- The total cost is min-max normalised over the WHOLE BATCH (one min and one max).
+- An empty cluster gets a zero centroid (its semantic cost is 0 for every token).
+The seeds, the rows-first / columns-last Sinkhorn and the row argmax are the same in both modes.
 
 Efficiency: the reference materialises a (2N, 2N, K) tensor per image for T_pos, several times per
 iteration (~2 GB per call for ViT-S/16, K=32, batch 32). Here the squared token-token distances
@@ -43,11 +52,15 @@ last iteration skips the unused centroid update. Everything is batched: no Pytho
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "CLUSTERING_MODES",
+    "CLUSTERING_RULES",
+    "ClusteringRules",
     "joint_space_clustering",
     "positional_cost",
     "sinkhorn_knopp",
@@ -58,13 +71,37 @@ __all__ = [
 ]
 
 
-def _pairwise_sq_distances(pos: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class ClusteringRules:
+    """The rules on which the two modes differ (module docstring); each True is the reference's rule.
+    Public for ablations (docs/fidelity.md measures each one); training selects a mode by name."""
+
+    size_marginals: bool          # column marginals = cluster sizes + 0.01, normalised (update_c)
+    batch_normalisation: bool     # min-max of the cost over the whole batch (else per image)
+    fill_mean_over_all: bool      # undefined T_pos -> mean over all entries, undefined as 0 (else defined)
+    zero_distance_undefined: bool  # a member at distance exactly 0 counts as no member
+    zero_empty_centroid: bool     # an empty cluster gets a zero centroid (else keeps its previous one)
+
+
+#: ``joint_space_clustering(mode=...)``: the paper's clustering, or the authors' code (see the docstring).
+CLUSTERING_RULES = {
+    "paper": ClusteringRules(False, False, False, False, False),
+    "reference": ClusteringRules(True, True, True, True, True),
+}
+CLUSTERING_MODES = tuple(CLUSTERING_RULES)
+#: The authors' smoothing of the size-weighted column marginals (``--update_c``): c_k ~ |S_k| + 0.01.
+REFERENCE_MARGINAL_SMOOTHING = 1e-2
+
+
+def _pairwise_sq_distances(pos: torch.Tensor, *, zero_is_undefined: bool = False) -> torch.Tensor:
     """Squared Euclidean distances between all tokens of an image, self-distance set to +inf.
 
     pos: (B, M, 2). Returns (B, M, M) float32, symmetric, ``[b, n, n] = inf`` so that a token is never
     its own nearest cluster member. Squared, because ``min`` commutes with the (correctly rounded,
     monotonic) square root: the root is taken after the segment-min, on (B, K, M) values only.
     Direct differences, not the ``|a|^2 + |b|^2 - 2ab`` expansion, which cancels catastrophically.
+    ``zero_is_undefined``: also +inf where two distinct tokens share a position (the reference's rule:
+    it marks "no member" with a 0 distance, so it cannot tell a true 0 apart).
     """
     pos = pos.float()
     x, y = pos[..., 0], pos[..., 1]
@@ -72,6 +109,8 @@ def _pairwise_sq_distances(pos: torch.Tensor) -> torch.Tensor:
     dy = y[:, :, None] - y[:, None, :]
     sq.addcmul_(dy, dy)
     sq.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    if zero_is_undefined:
+        sq.masked_fill_(sq == 0, float("inf"))
     return sq
 
 
@@ -103,18 +142,21 @@ def _seed_distances(sq_dist: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     return sq_dist.gather(1, seeds[:, :, None].expand(B, seeds.shape[1], M)).sqrt()
 
 
-def _fill_and_scale(nearest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Undefined (+inf) entries -> the image's mean of defined entries; also 1 / the image's max.
+def _fill_and_scale(nearest: torch.Tensor, *, mean_over_all: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undefined (+inf) entries -> the image's mean; also 1 / the image's max.
 
-    nearest: (B, ...) with +inf for undefined entries. Returns (filled (B, ...), inv_max (B,)); the
-    normalised cost is ``filled * inv_max``, left to the caller so that it can fuse the scaling.
-    The mean of defined entries never exceeds their max, so the max is taken over defined ones.
+    nearest: (B, ...) with +inf for undefined entries. The mean is over the defined entries
+    (``mean_over_all=False``, paper mode) or over all entries with undefined ones counted as 0 (the
+    reference). Returns (filled (B, ...), inv_max (B,)); the normalised cost is ``filled * inv_max``,
+    left to the caller so that it can fuse the scaling. Either mean never exceeds the max of the
+    defined entries, so the max is taken over defined ones.
     """
     B = nearest.shape[0]
     defined = nearest < float("inf")
     zeroed = torch.where(defined, nearest, 0.0)
     dims = tuple(range(1, nearest.ndim))
-    mean = zeroed.sum(dim=dims) / defined.sum(dim=dims).clamp_min(1)
+    total = zeroed.sum(dim=dims)
+    mean = total / (zeroed[0].numel() if mean_over_all else defined.sum(dim=dims).clamp_min(1))
     inv_max = 1.0 / zeroed.amax(dim=dims).clamp_min(torch.finfo(nearest.dtype).tiny)
     filled = torch.where(defined, zeroed, mean.view(B, *([1] * len(dims))))
     return filled, inv_max
@@ -144,31 +186,37 @@ def positional_cost(pos: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Te
     return (filled * inv_max[:, None, None]).transpose(1, 2).contiguous()
 
 
-def sinkhorn_knopp(cost: torch.Tensor, eps: float = 0.05, n_iter: int = 5) -> torch.Tensor:
-    """Entropic optimal transport plan for ``cost`` (B, M, K) with uniform marginals (Eq. 13-14).
+def sinkhorn_knopp(cost: torch.Tensor, eps: float = 0.05, n_iter: int = 5,
+                   col_marginals: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropic optimal transport plan for ``cost`` (B, M, K) (Eq. 13-14).
 
-    ``Q = diag(u) P diag(v)`` with ``P = exp(-cost / eps)``, scaled alternately so that columns sum
-    to 1/K and rows to 1/M (``n_iter`` times each, rows last): the alternating normalisation of
-    SwAV / DINO-style code, written on the scaling vectors. ``cost`` should be bounded (here min-max
-    normalised to [0, 1]) so that ``exp`` stays in fp32 range. Returns Q (B, M, K).
+    ``Q = diag(u) P diag(v)`` with ``P = exp(-cost / eps)``, scaled alternately so that rows sum to
+    1/M and columns to ``col_marginals`` (B, K) (default: uniform 1/K), ``n_iter`` times each, rows
+    first and columns last (the authors' order), written on the scaling vectors. ``cost`` should be
+    bounded (here min-max normalised to [0, 1]) so that ``exp`` stays in fp32 range. Returns Q (B, M, K).
     """
     P = torch.exp(-cost / eps)
-    u, v = _sinkhorn_scalings(P, n_iter)
+    u, v = _sinkhorn_scalings(P, n_iter, col_marginals)
     return u[:, :, None] * P * v[:, None, :]
 
 
-def _sinkhorn_scalings(P: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sinkhorn_scalings(P: torch.Tensor, n_iter: int,
+                       col_marginals: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token scalings u (B, M) and cluster scalings v (B, K) of the kernel P (B, M, K).
 
-    Vector-matrix products ``u^T P`` and ``v^T P^T`` (P^T made contiguous once): batched GEMV in
-    this orientation is several times faster on CPU than ``P v`` or a broadcast multiply + sum.
+    Rows (tokens) are scaled to 1/M first, then columns (clusters) to ``col_marginals`` (B, K) or 1/K,
+    ``n_iter`` times: after the last step the columns meet their marginals exactly and the rows only
+    approximately, as in the authors' ``sinkhorn`` (the order changes a non-converged plan).
+    Vector-matrix products ``v^T P^T`` and ``u^T P`` (P^T made contiguous once): batched GEMV in this
+    orientation is several times faster on CPU than ``P v`` or a broadcast multiply + sum.
     """
     B, M, K = P.shape
     P_t = P.transpose(1, 2).contiguous()  # (B, K, M)
-    u = torch.ones(B, 1, M, dtype=P.dtype, device=P.device)
+    v = torch.ones(B, 1, K, dtype=P.dtype, device=P.device)
     for _ in range(n_iter):
-        v = torch.bmm(u, P).mul_(K).reciprocal_()  # (B, 1, K): columns (clusters) sum to 1/K
         u = torch.bmm(v, P_t).mul_(M).reciprocal_()  # (B, 1, M): rows (tokens) sum to 1/M
+        v = torch.bmm(u, P)  # (B, 1, K) column sums
+        v = v.mul_(K).reciprocal_() if col_marginals is None else torch.div(col_marginals[:, None, :], v)
     return u[:, 0], v[:, 0]
 
 
@@ -195,6 +243,8 @@ def joint_space_clustering(
     n_sinkhorn: int = 5,
     eps: float = 0.05,
     generator: torch.Generator | None = None,
+    mode: str | ClusteringRules = "paper",
+    seeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cluster the 2N tokens of both views of each image into K clusters (App. B).
 
@@ -208,23 +258,33 @@ def joint_space_clustering(
         n_sinkhorn: Sinkhorn-Knopp scaling iterations per outer iteration.
         eps: entropic regularisation, ``P = exp(-T / eps)`` (eps = 1/lambda, lambda = 20).
         generator: RNG for the seed tokens; must live on the tokens' device. None: global RNG.
+        mode: ``"paper"`` or ``"reference"`` (:data:`CLUSTERING_MODES`, module docstring), or a
+            :class:`ClusteringRules` (ablations).
+        seeds: optional (B, K) long, distinct joint-token indices in [0, 2N) per image: the seed token
+            of each cluster (then ``generator`` is not used). None: drawn uniformly without replacement.
 
     Returns:
         (B, 2N) long in [0, K): cluster of every token, view-1 tokens first (see :func:`split_views`).
     """
-    _check_clustering_inputs(z1, z2, pos1, pos2, K, lambda_pos, n_outer, n_sinkhorn, eps)
+    _check_clustering_inputs(z1, z2, pos1, pos2, K, lambda_pos, n_outer, n_sinkhorn, eps, mode, seeds)
+    rules = mode if isinstance(mode, ClusteringRules) else CLUSTERING_RULES[mode]
     device = z1.device
     with torch.autocast(device_type=device.type, enabled=False):
         z = _unit_tokens(z1, z2)  # (B, M, D), M = 2N
         B, M, D = z.shape
-        # K distinct seeds per image, uniform without replacement: the K largest of M random keys.
-        keys = torch.rand(B, M, generator=generator, device=device)
-        seeds = keys.topk(K, dim=1).indices  # (B, K)
+        if seeds is None:
+            # K distinct seeds per image, uniform without replacement: the K largest of M random keys.
+            keys = torch.rand(B, M, generator=generator, device=device)
+            seeds = keys.topk(K, dim=1).indices  # (B, K)
         centroids = z.gather(1, seeds[..., None].expand(B, K, D))  # (B, K, D), unit norm
         assign = torch.full((B, M), -1, dtype=torch.long, device=device)
         assign.scatter_(1, seeds, torch.arange(K, device=device).expand(B, K))
-        sq_dist = _pairwise_sq_distances(torch.cat([pos1, pos2], dim=1)) if lambda_pos > 0 else None
+        sq_dist = None
+        if lambda_pos > 0:  # positions do not move: the (B, M, M) distances once per call
+            sq_dist = _pairwise_sq_distances(torch.cat([pos1, pos2], dim=1),
+                                             zero_is_undefined=rules.zero_distance_undefined)
         row_offset = torch.arange(B, device=device)[:, None] * K  # flattened (b, k) rows
+        col_marginals = None  # uniform 1/K; the reference re-weights them from the 2nd iteration on
         for it in range(n_outer):
             cost = torch.bmm(z, centroids.transpose(1, 2)).neg_()  # T_sem (B, M, K), Eq. 12
             if sq_dist is not None:  # Eq. 16: cost += lambda_pos * T_pos, T_pos = filled / max
@@ -232,23 +292,31 @@ def joint_space_clustering(
                     nearest = _seed_distances(sq_dist, seeds)
                 else:
                     nearest = _nearest_member_distances(sq_dist, assign, K)
-                filled, inv_max = _fill_and_scale(nearest)
+                filled, inv_max = _fill_and_scale(nearest, mean_over_all=rules.fill_mean_over_all)
                 cost.addcmul_(filled.transpose(1, 2), (lambda_pos * inv_max)[:, None, None])
-            # Per-image min-max normalisation to [0, 1], folded into the Sinkhorn kernel exp(-T/eps).
-            lo = cost.amin(dim=(1, 2), keepdim=True)
-            hi = cost.amax(dim=(1, 2), keepdim=True)
+            # Min-max normalisation to [0, 1] (per image; over the whole batch in the reference),
+            # folded into the Sinkhorn kernel exp(-T/eps).
+            dims = (0, 1, 2) if rules.batch_normalisation else (1, 2)
+            lo = cost.amin(dim=dims, keepdim=True)
+            hi = cost.amax(dim=dims, keepdim=True)
             P = cost.sub_(lo).mul_(-1.0 / ((hi - lo).clamp_min(1e-12) * eps)).exp_()
-            _, v = _sinkhorn_scalings(P, n_sinkhorn)
+            _, v = _sinkhorn_scalings(P, n_sinkhorn, col_marginals)
             # Row argmax of Q = diag(u) P diag(v): u is constant along a token's row. (max(dim)
             # returns the first maximal index, like argmax, and is faster on CPU for small K.)
             assign = P.mul_(v[:, None, :]).max(dim=2).indices  # (B, M) hard assignment
             if it == n_outer - 1:
-                break  # the last centroids would not be used
+                break  # the last centroids and marginals would not be used
             flat = (row_offset + assign).reshape(-1)
             sums = torch.zeros(B * K, D, device=device).index_add_(0, flat, z.reshape(B * M, D))
             counts = torch.bincount(flat, minlength=B * K).view(B, K)
-            # Eq. 15 with hard assignments; an empty cluster keeps its previous centroid.
-            centroids = torch.where(counts[..., None] > 0, F.normalize(sums.view(B, K, D), dim=-1), centroids)
+            # Eq. 15 with hard assignments. An empty cluster keeps its previous centroid (paper mode)
+            # or gets a zero one (the reference: normalising a zero sum).
+            new_centroids = F.normalize(sums.view(B, K, D), dim=-1)
+            centroids = (new_centroids if rules.zero_empty_centroid
+                         else torch.where(counts[..., None] > 0, new_centroids, centroids))
+            if rules.size_marginals:
+                weights = counts.float() + REFERENCE_MARGINAL_SMOOTHING
+                col_marginals = weights / weights.sum(dim=1, keepdim=True)  # (B, K)
     return assign
 
 
@@ -304,7 +372,9 @@ def _check_labels(assign: torch.Tensor, K: int, name: str, *, allow_unassigned: 
         raise ValueError(f"{name} values must lie in [{lo}, {K}), got [{a_min}, {a_max}]")
 
 
-def _check_clustering_inputs(z1, z2, pos1, pos2, K, lambda_pos, n_outer, n_sinkhorn, eps) -> None:
+def _check_clustering_inputs(z1, z2, pos1, pos2, K, lambda_pos, n_outer, n_sinkhorn, eps, mode, seeds) -> None:
+    if not isinstance(mode, ClusteringRules) and mode not in CLUSTERING_MODES:
+        raise ValueError(f"clustering mode {mode!r} is unknown: choose one of {', '.join(CLUSTERING_MODES)}")
     if z1.ndim != 3 or z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must both be (B, N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
     B, N, _ = z1.shape
@@ -321,3 +391,10 @@ def _check_clustering_inputs(z1, z2, pos1, pos2, K, lambda_pos, n_outer, n_sinkh
         raise ValueError(f"n_outer and n_sinkhorn must be >= 1, got {n_outer} and {n_sinkhorn}")
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    if seeds is not None:
+        if seeds.shape != (B, K) or seeds.dtype != torch.long or seeds.device != z1.device:
+            raise ValueError(f"seeds must be a long tensor of shape {(B, K)} on {z1.device}, got "
+                             f"{seeds.dtype} {tuple(seeds.shape)} on {seeds.device}")
+        _check_labels(seeds, 2 * N, "seeds", allow_unassigned=False)
+        if K > 1 and (seeds.sort(dim=1).values.diff(dim=1) == 0).any():
+            raise ValueError("seeds must be distinct within each image (one token per cluster)")

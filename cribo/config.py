@@ -18,6 +18,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from cribo.clustering import CLUSTERING_MODES
+from cribo.losses import CI_NORMALISATIONS
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BANK_DTYPES = ("fp32", "fp16", "bf16")
 
@@ -63,9 +66,11 @@ class TrainConfig:
     lambda_pos: float = 1.0             # positional cost weight (Eq. 16)
     n_outer: int = 5                    # clustering outer iterations
     n_sinkhorn: int = 5                 # Sinkhorn iterations per outer iteration
+    clustering: str = "paper"           # paper | reference (the authors' code, update_c): cribo.clustering
     bank_images: int = 25000            # S: images held in each FIFO bank
     bank_dtype: str = "fp16"            # storage dtype of the banks
     use_cross_image: bool = True        # False: ablation without L_ci^o (Table 5 row 2)
+    ci_normalisation: str = "paper"     # L_ci^o: paper (Z1, Z2) | reference (both by Z1): cribo.losses
     crop_scale: tuple[float, float] = (0.25, 1.0)
     # --- optimisation (DINO) ---------------------------------------------------------------------
     lr: float = 5e-4                    # base lr, scaled by global_batch / 256
@@ -115,6 +120,10 @@ class TrainConfig:
             raise bad("precision", f"choose one of {', '.join(PRECISIONS)}")
         if self.bank_dtype not in BANK_DTYPES:
             raise bad("bank_dtype", f"choose one of {', '.join(BANK_DTYPES)}")
+        if self.clustering not in CLUSTERING_MODES:
+            raise bad("clustering", f"choose one of {', '.join(CLUSTERING_MODES)} (--clustering)")
+        if self.ci_normalisation not in CI_NORMALISATIONS:
+            raise bad("ci_normalisation", f"choose one of {', '.join(CI_NORMALISATIONS)} (--ci-normalisation)")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:
             raise bad("stop_at", f"must be in [1, max_steps={self.max_steps}]")
         if not 0.0 <= self.drop_path < 1.0:
@@ -214,32 +223,35 @@ def register_preset(name: str, description: str, **overrides: Any) -> Preset:
     return PRESETS[name]
 
 
-# What the three released runs share (method-reference.md, "Heads, losses, optimisation"). The paper
-# trained with fp16 + GradScaler (DINO's default); precision "auto" (bf16 on GPUs) is the default here
-# because bf16 needs no scaler. Pass --precision fp16 for the reference's arithmetic.
-_PAPER_RECIPE = dict(img_size=224, drop_path=0.1, out_dim=65536, bank_images=25000, warmup_epochs=10,
-                     weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
-                     warmup_teacher_temp=0.04, teacher_temp=0.07, ci_start_epoch=1)
+# The three released runs, field by field from the authors' argument files
+# (../shared/reference/released-args/*_args.json; tests/test_presets_released.py compares them and
+# docs/fidelity.md lists what has no counterpart). Their clustering is the authors' (``update_c``
+# true -> "reference") and so is their L_ci^o normalisation. Precision as released: fp16 + GradScaler
+# for the ViT-S runs (CUDA only: pass --precision bf16 or fp32 elsewhere), fp32 for the ViT-B run.
+_RELEASED_RECIPE = dict(img_size=224, drop_path=0.1, out_dim=65536, bank_images=25000, crop_scale=(0.25, 1.0),
+                        n_outer=5, n_sinkhorn=5, clustering="reference", ci_normalisation="reference",
+                        warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
+                        warmup_teacher_temp=0.04, teacher_temp=0.07, student_temp=0.1, ci_start_epoch=1, seed=0)
 register_preset(
     "in1k-vits16",
-    "ImageNet-1k ViT-S/16, 800 epochs at global batch 1024 (e.g. 8 x 128): K=32, lambda_pos=1, S=25k.",
-    arch="vit_small_patch16_224", num_clusters=32, lambda_pos=1.0,
-    lr=5e-4, min_lr=1e-5, teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1, clip_grad=3.0,
-    **_PAPER_RECIPE,
+    "ImageNet-1k ViT-S/16 as released: 800 epochs, 128 images per GPU, K=32, lambda_pos=1, S=25k, fp16.",
+    arch="vit_small_patch16_224", num_clusters=32, lambda_pos=1.0, norm_last_layer=False,
+    lr=5e-4, min_lr=1e-5, teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1, clip_grad=0.0,
+    precision="fp16", **_RELEASED_RECIPE,
 )
 register_preset(
     "in1k-vitb16",
-    "ImageNet-1k ViT-B/16, 400 epochs at global batch 1024: K=32, lambda_pos=1, S=25k, lr 7.5e-4, clip 0.3.",
-    arch="vit_base_patch16_224", num_clusters=32, lambda_pos=1.0,
+    "ImageNet-1k ViT-B/16 as released: 400 epochs, 64 images per GPU, K=32, lambda_pos=1, lr 7.5e-4, clip 0.3, fp32.",
+    arch="vit_base_patch16_224", num_clusters=32, lambda_pos=1.0, norm_last_layer=True,
     lr=7.5e-4, min_lr=2e-6, teacher_temp_warmup_epochs=50, freeze_last_layer_epochs=3, clip_grad=0.3,
-    **_PAPER_RECIPE,
+    precision="fp32", **_RELEASED_RECIPE,
 )
 register_preset(
     "coco-vits16",
-    "COCO ViT-S/16, 300 epochs at global batch 256: K=64, lambda_pos=2, S=25k.",
-    arch="vit_small_patch16_224", num_clusters=64, lambda_pos=2.0,
-    lr=5e-4, min_lr=1e-5, teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1, clip_grad=3.0,
-    **_PAPER_RECIPE,
+    "COCO ViT-S/16 as released: 300 epochs, 32 images per GPU, K=64, lambda_pos=2, S=25k, fp16.",
+    arch="vit_small_patch16_224", num_clusters=64, lambda_pos=2.0, norm_last_layer=False,
+    lr=5e-4, min_lr=1e-5, teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1, clip_grad=0.0,
+    precision="fp16", **_RELEASED_RECIPE,
 )
 register_preset(
     "cpu-tiny",

@@ -331,7 +331,7 @@ class CrIBoTrainer:
             with _section(timer, "clustering"):
                 assign = joint_space_clustering(t_patches[:B], t_patches[B:], pos1, pos2, K, c.lambda_pos,
                                                 n_outer=c.n_outer, n_sinkhorn=c.n_sinkhorn,
-                                                generator=self.cluster_generator)  # (B, 2N)
+                                                generator=self.cluster_generator, mode=c.clustering)  # (B, 2N)
                 a1, a2 = split_views(assign, N)
                 valid = valid_objects(a1, a2, K)  # (B, K)
                 assign_views = torch.cat([a1, a2])  # (2B, N), rows aligned with `views`
@@ -358,7 +358,8 @@ class CrIBoTrainer:
             loss_ci, ratio = zero, zero
             if query is not None:
                 ci_out = cross_image_loss(s_obj_logits[:B], s_obj_logits[B:], nn_logits[:B], nn_logits[B:],
-                                          query.ok1, query.ok2, temp, self.object_loss.center, c.student_temp)
+                                          query.ok1, query.ok2, temp, self.object_loss.center, c.student_temp,
+                                          normalisation=c.ci_normalisation)
                 loss_ci = ci_out.loss
                 ratio = (ci_out.z1 + ci_out.z2).float() / (2 * K * B)
             loss = loss_global + loss_object + loss_ci  # Eq. 11

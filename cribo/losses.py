@@ -15,8 +15,10 @@ matters only against the clipping threshold, and matches the authors' code). Wit
 * ``ObjectLoss`` (L_cv^o, Eq. 6): the paper's 1/K becomes the mean over the VALID objects of the local
   batch (clusters present in both views), ``(sum_valid H(p1_t^k, p2_s^k) + H(p2_t^k, p1_s^k)) / (2 n_valid)``.
 * ``cross_image_loss`` (L_ci^o, Eq. 8): each direction normalised by ITS OWN count of cycle-consistent
-  pairs over the local batch, Z1 and Z2, as in the paper; a direction with Z = 0 contributes 0. The
-  authors' code divides the second sum by Z1 as well (and drops both when Z1 = 0): we do not.
+  pairs over the local batch, Z1 and Z2, as in the paper; a direction with Z = 0 contributes 0
+  (``normalisation="paper"``, the default). The authors' code divides the second sum by Z1 as well
+  and drops both when Z1 = 0 (main_cribo.py:602-611): ``normalisation="reference"`` reproduces it
+  (``--ci-normalisation``; docs/fidelity.md gives the size of the difference).
   The retrieved-neighbour targets are centred with the OBJECT centre (as the authors' code does), and
   they do not update it: the object centre follows the cross-view teacher object outputs only.
 
@@ -35,6 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cribo import dist
+
+#: ``cross_image_loss(normalisation=...)``: each direction by its own count (paper Eq. 8), or both by
+#: Z1 and 0 when Z1 = 0 (the authors' code).
+CI_NORMALISATIONS = ("paper", "reference")
 
 
 def _teacher_probs(t: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -180,10 +186,13 @@ class CrossImageLoss(NamedTuple):
 
 def cross_image_loss(student_s1: torch.Tensor, student_s2: torch.Tensor, teacher_nn1: torch.Tensor,
                      teacher_nn2: torch.Tensor, ok1: torch.Tensor, ok2: torch.Tensor, teacher_temp: float,
-                     center: torch.Tensor, student_temp: float) -> CrossImageLoss:
+                     center: torch.Tensor, student_temp: float, normalisation: str = "paper") -> CrossImageLoss:
     """Cross-image object loss L_ci^o (Eq. 8), each direction normalised by its own count, / 2.
 
         L = ( (1/Z1) sum_{b,k: ok1} H(p~_{1,t}^k, p_{2,s}^k) + (1/Z2) sum_{b,k: ok2} H(p~_{2,t}^k, p_{1,s}^k) ) / 2
+
+    ``normalisation="reference"``: ``L = (S1 + S2) / Z1 / 2`` with S1, S2 the two sums above, and 0 when
+    Z1 = 0 (the authors' code).
 
     with ``p~_{i,t}^k = softmax((h_t(nn(c_{i,t}^k)) - center) / teacher_temp)`` (Eq. 7), Z1 = sum ok1 and
     Z2 = sum ok2 over the local batch; a direction with Z = 0 contributes 0. See the module docstring for
@@ -198,10 +207,14 @@ def cross_image_loss(student_s1: torch.Tensor, student_s2: torch.Tensor, teacher
         teacher_temp: tau_t.
         center: the object centre, (1, L) (``ObjectLoss.center``).
         student_temp: tau_s.
+        normalisation: ``"paper"`` or ``"reference"`` (:data:`CI_NORMALISATIONS`).
 
     Returns:
         CrossImageLoss(loss, z1, z2).
     """
+    if normalisation not in CI_NORMALISATIONS:
+        raise ValueError(f"cross_image_loss: normalisation {normalisation!r} is unknown: choose one of "
+                         f"{', '.join(CI_NORMALISATIONS)}")
     shape = _check_same_shape("cross_image_loss", student_s1=student_s1, student_s2=student_s2,
                               teacher_nn1=teacher_nn1, teacher_nn2=teacher_nn2)
     if len(shape) != 3:
@@ -213,11 +226,16 @@ def cross_image_loss(student_s1: torch.Tensor, student_s2: torch.Tensor, teacher
     if center.shape != (1, shape[2]):
         raise ValueError(f"cross_image_loss: center must be (1, {shape[2]}), got {tuple(center.shape)}")
 
-    def direction(teacher_nn: torch.Tensor, student: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    def direction_sum(teacher_nn: torch.Tensor, student: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         p = _teacher_probs(teacher_nn[ok], center, teacher_temp)
         logp = _student_logprobs(student[ok], student_temp)
-        return _cross_entropy(p, logp).sum() / ok.sum().clamp_min(1)
+        return _cross_entropy(p, logp).sum()
 
     # Direction 1: the M1 neighbour of c_1^k is the target of the student's c_2^k (and symmetrically).
-    loss = 0.5 * (direction(teacher_nn1, student_s2, ok1) + direction(teacher_nn2, student_s1, ok2))
-    return CrossImageLoss(loss, ok1.sum(), ok2.sum())
+    s1, s2 = direction_sum(teacher_nn1, student_s2, ok1), direction_sum(teacher_nn2, student_s1, ok2)
+    z1, z2 = ok1.sum(), ok2.sum()
+    if normalisation == "paper":
+        loss = 0.5 * (s1 / z1.clamp_min(1) + s2 / z2.clamp_min(1))
+    else:  # both sums by Z1; s2 is dropped too when Z1 = 0 (no host sync: a masked product)
+        loss = 0.5 * (s1 + s2) / z1.clamp_min(1) * (z1 > 0)
+    return CrossImageLoss(loss, z1, z2)

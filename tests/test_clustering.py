@@ -183,22 +183,40 @@ def test_clustering_input_errors():
         split_views(torch.zeros(2, 7, dtype=torch.long), 4)
 
 
-def test_sinkhorn_equals_alternating_normalisation_and_meets_marginals():
+def _plain_sinkhorn(cost: torch.Tensor, n_iter: int, c: torch.Tensor) -> torch.Tensor:
+    """The authors' ``sinkhorn`` (main_cribo.py:712-723) written out in float64: normalise the whole
+    matrix, then scale rows to 1/M and columns to c (B, 1, K), rows first."""
+    M = cost.shape[1]
+    R = torch.exp(-cost.double() / 0.05)
+    R = R / R.sum(dim=(1, 2), keepdim=True)
+    for _ in range(n_iter):
+        R = R * (1 / M) / R.sum(dim=2, keepdim=True)
+        R = R * c.double() / R.sum(dim=1, keepdim=True)
+    return R
+
+
+def test_sinkhorn_equals_alternating_normalisation_rows_first_and_meets_marginals():
     gen = torch.Generator().manual_seed(0)
     B, M, K = 2, 12, 4
     cost = torch.rand(B, M, K, generator=gen)
     Q = sinkhorn_knopp(cost, eps=0.05, n_iter=5)
-    # Independent plain version: normalise the whole matrix, then columns and rows alternately.
-    R = torch.exp(-cost.double() / 0.05)
-    R = R / R.sum(dim=(1, 2), keepdim=True)
-    for _ in range(5):
-        R = R / R.sum(dim=1, keepdim=True) / K
-        R = R / R.sum(dim=2, keepdim=True) / M
-    torch.testing.assert_close(Q.double(), R, rtol=1e-4, atol=1e-9)
-    torch.testing.assert_close(Q.sum(dim=2), torch.full((B, M), 1 / M), rtol=1e-5, atol=0)
-    # Columns converge with more iterations (5 is the method's budget, not convergence).
+    torch.testing.assert_close(Q.double(), _plain_sinkhorn(cost, 5, torch.full((B, 1, K), 1 / K)),
+                               rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(Q.sum(dim=1), torch.full((B, K), 1 / K), rtol=1e-5, atol=0)  # columns last
+    # Rows converge with more iterations (5 is the method's budget, not convergence).
     Q = sinkhorn_knopp(cost, eps=0.05, n_iter=300)
-    torch.testing.assert_close(Q.sum(dim=1), torch.full((B, K), 1 / K), rtol=1e-3, atol=0)
+    torch.testing.assert_close(Q.sum(dim=2), torch.full((B, M), 1 / M), rtol=1e-3, atol=0)
+
+
+def test_sinkhorn_with_size_weighted_column_marginals():
+    gen = torch.Generator().manual_seed(1)
+    B, M, K = 3, 10, 5
+    cost = torch.rand(B, M, K, generator=gen)
+    c = torch.rand(B, K, generator=gen) + 0.1
+    c = c / c.sum(dim=1, keepdim=True)
+    Q = sinkhorn_knopp(cost, eps=0.05, n_iter=5, col_marginals=c)
+    torch.testing.assert_close(Q.double(), _plain_sinkhorn(cost, 5, c[:, None, :]), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(Q.sum(dim=1), c, rtol=1e-5, atol=0)
 
 
 def test_object_representations_hand_example_and_counts():
@@ -236,3 +254,55 @@ def test_first_iteration_shortcut_equals_the_general_positional_cost():
     assign = torch.full((B, M), -1, dtype=torch.long).scatter_(1, seeds, torch.arange(K).expand(B, K))
     sq = _pairwise_sq_distances(pos)
     assert torch.equal(_seed_distances(sq, seeds), _nearest_member_distances(sq, assign, K))
+
+
+# ----------------------------------------------------------------------------- modes (paper / reference)
+def test_paper_mode_clusters_each_image_independently_of_the_batch():
+    """Paper mode: an image's assignment does not depend on the other images of the batch (per-image
+    cost range). (Reference mode normalises over the batch, so it may.)"""
+    z1, z2, pos1, pos2 = _views(B=3)
+    seeds = torch.rand(3, 72, generator=torch.Generator().manual_seed(3)).topk(8, dim=1).indices
+    whole = joint_space_clustering(z1, z2, pos1, pos2, 8, 1.0, seeds=seeds)
+    alone = [joint_space_clustering(z1[b:b + 1], z2[b:b + 1], pos1[b:b + 1], pos2[b:b + 1], 8, 1.0,
+                                    seeds=seeds[b:b + 1]) for b in range(3)]
+    assert torch.equal(whole, torch.cat(alone))
+
+
+def test_seeds_argument_equals_the_generator_draw_and_is_checked():
+    z1, z2, pos1, pos2 = _views(B=2)
+    seeds = torch.rand(2, 72, generator=torch.Generator().manual_seed(9)).topk(8, dim=1).indices
+    drawn = joint_space_clustering(z1, z2, pos1, pos2, 8, 1.0, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(joint_space_clustering(z1, z2, pos1, pos2, 8, 1.0, seeds=seeds), drawn)
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        joint_space_clustering(z1, z2, pos1, pos2, 8, 1.0, seeds=torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"seeds must be a long tensor of shape \(2, 8\)"):
+        joint_space_clustering(z1, z2, pos1, pos2, 8, 1.0, seeds=seeds[:, :4])
+    with pytest.raises(ValueError, match=r"seeds values must lie in \[0, 72\)"):
+        joint_space_clustering(z1, z2, pos1, pos2, 8, 1.0, seeds=seeds + 72)
+    with pytest.raises(ValueError, match="clustering mode 'authors' is unknown: choose one of paper, reference"):
+        joint_space_clustering(z1, z2, pos1, pos2, 8, 1.0, mode="authors")
+
+
+def test_fill_rules_hand_example():
+    """Undefined entries (+inf): paper -> mean of the defined ones; reference -> mean of all, undefined as 0."""
+    from cribo.clustering import _fill_and_scale
+
+    nearest = torch.tensor([[[1.0, float("inf")], [3.0, 4.0]]])  # defined: 1, 3, 4
+    filled, inv_max = _fill_and_scale(nearest)
+    torch.testing.assert_close(filled, torch.tensor([[[1.0, 8 / 3], [3.0, 4.0]]]))
+    filled, inv_max_ref = _fill_and_scale(nearest, mean_over_all=True)
+    torch.testing.assert_close(filled, torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]))
+    assert float(inv_max) == float(inv_max_ref) == 0.25
+
+
+def test_reference_rules_zero_distances_and_empty_clusters():
+    """A member at distance 0 is 'no member' for the reference, a true 0 for the paper mode."""
+    from cribo.clustering import _nearest_member_distances, _pairwise_sq_distances
+
+    pos = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [3.0, 4.0]]])  # tokens 0 and 1 share a position
+    assign = torch.tensor([[0, 0, 1]])
+    paper = _nearest_member_distances(_pairwise_sq_distances(pos), assign, 2)
+    ref = _nearest_member_distances(_pairwise_sq_distances(pos, zero_is_undefined=True), assign, 2)
+    inf = float("inf")
+    torch.testing.assert_close(paper, torch.tensor([[[0.0, 0.0, 5.0], [5.0, 5.0, inf]]]))
+    torch.testing.assert_close(ref, torch.tensor([[[inf, inf, 5.0], [5.0, 5.0, inf]]]))

@@ -286,6 +286,26 @@ def test_cross_image_loss_ignores_targets_outside_the_cycle_mask():
     assert torch.equal(cross_image_loss(s1, s2, n1, n2, ok1, ok2, 0.06, tens([CENTER]), 0.1).loss, ref)
 
 
+def test_cross_image_loss_reference_normalisation_divides_both_sums_by_z1():
+    s1, s2, n1, n2 = (tens(a) for a in (S1, S2, T1, T2))
+    ok1, ok2, none = torch.tensor(OK1), torch.tensor(OK2), torch.zeros(2, 3, dtype=torch.bool)
+    c = tens([CENTER])
+    sum1 = sum(py_H(T1[b][k], CENTER, 0.06, S2[b][k], 0.1) for b in range(2) for k in range(3) if OK1[b][k])
+    sum2 = sum(py_H(T2[b][k], CENTER, 0.06, S1[b][k], 0.1) for b in range(2) for k in range(3) if OK2[b][k])
+    ref = cross_image_loss(s1, s2, n1, n2, ok1, ok2, 0.06, c, 0.1, normalisation="reference")
+    assert ref.loss.item() == pytest.approx((sum1 + sum2) / 3 / 2, rel=1e-5)
+    # Z1 = 0 drops direction 2 as well, with a zero gradient; Z2 = 0 agrees with the paper's form
+    s = s1.clone().requires_grad_(True)
+    dropped = cross_image_loss(s, s2, n1, n2, none, ok2, 0.06, c, 0.1, normalisation="reference")
+    assert dropped.loss.item() == 0.0
+    dropped.loss.backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+    assert torch.equal(cross_image_loss(s1, s2, n1, n2, ok1, none, 0.06, c, 0.1, normalisation="reference").loss,
+                       cross_image_loss(s1, s2, n1, n2, ok1, none, 0.06, c, 0.1).loss)
+    with pytest.raises(ValueError, match="normalisation 'z1' is unknown: choose one of paper, reference"):
+        cross_image_loss(s1, s2, n1, n2, ok1, ok2, 0.06, c, 0.1, normalisation="z1")
+
+
 def test_cross_image_loss_rejects_bad_inputs():
     x = torch.randn(2, 3, 4)
     ok = torch.ones(2, 3, dtype=torch.bool)
