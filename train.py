@@ -19,6 +19,7 @@ import sys
 from cribo.clustering import CLUSTERING_MODES
 from cribo.config import PRESETS, TrainConfig, config_from_preset
 from cribo.losses import CI_NORMALISATIONS
+from cribo.transforms import AUGMENTATIONS
 
 DEFAULTS = TrainConfig.__dataclass_fields__
 
@@ -50,6 +51,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     net.add_argument("--out-dim", type=int, help="L prototypes " + _default("out_dim"))
     net.add_argument("--head-hidden-dim", type=int, help=_default("head_hidden_dim"))
     net.add_argument("--head-bottleneck-dim", type=int, help=_default("head_bottleneck_dim"))
+    net.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+                     help="area range of the two crops, fractions of the image " + _default("crop_scale"))
+    net.add_argument("--augment", choices=sorted(AUGMENTATIONS),
+                     help="view augmentations: dino (DINO's pair) or texture (weak blur) " + _default("augment"))
 
     cr = p.add_argument_group("CrIBo")
     cr.add_argument("-K", "--num-clusters", type=int, help=_default("num_clusters"))
@@ -90,6 +95,16 @@ def build_train_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-workers", type=int, help=_default("num_workers"))
     run.add_argument("--log-every", type=int, help=_default("log_every"))
     run.add_argument("--ckpt-every", type=int, help=_default("ckpt_every"))
+    ev = p.add_argument_group("learning curve (k-NN retrieval of the teacher on a fixed labelled subset)")
+    ev.add_argument("--eval-every", type=int, help="evaluate at step 0, every N steps and at the end; 0: never "
+                                                  + _default("eval_every"))
+    ev.add_argument("--eval-data", help="labelled dataset root, e.g. data/synthetic (python -m cribo.synthetic)")
+    ev.add_argument("--eval-dataset", choices=("folder", "voc", "ade20k"), help=_default("eval_dataset"))
+    ev.add_argument("--eval-train-split", help="split of the support images " + _default("eval_train_split"))
+    ev.add_argument("--eval-val-split", help="split of the query images " + _default("eval_val_split"))
+    ev.add_argument("--eval-support", type=int, help="support images (the first N) " + _default("eval_support"))
+    ev.add_argument("--eval-queries", type=int, help="query images (the first N) " + _default("eval_queries"))
+
     run.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no tqdm bar")
     run.add_argument("--debug-bank-hash", action="store_const", const=True,
                      help="write OUT/bank_rank{r}.json (fingerprint of each rank's banks) at the end")
@@ -111,7 +126,8 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 def build_plot_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py plot",
-                                description="Draw OUT/log.jsonl: losses, bootstrapping ratio, kept clusters.")
+                                description="Draw OUT/log.jsonl: losses, bootstrapping ratio, kept clusters and "
+                                            "the learning curve (eval mIoU vs images seen).")
     p.add_argument("--output-dir", required=True, help="the training run's OUT folder")
     p.add_argument("--out", help="PNG path (default OUT/training_curves.png)")
     return p
@@ -131,11 +147,15 @@ def main(argv: list[str] | None = None) -> int:
 
         from cribo.report import plot_training_log
         out = args.out or Path(args.output_dir) / "training_curves.png"
-        print(plot_training_log(Path(args.output_dir) / "log.jsonl", out))
+        run = Path(args.output_dir) / "config.json"  # written at the start of the run: the global batch
+        batch = json.loads(run.read_text())["global_batch"] if run.is_file() else None
+        print(plot_training_log(Path(args.output_dir) / "log.jsonl", out, images_per_step=batch))
         return 0
 
     args = vars(build_train_parser().parse_args(argv))
     preset, crash_at_step = args.pop("preset"), args.pop("crash_at_step")
+    if args["crop_scale"] is not None:
+        args["crop_scale"] = tuple(args["crop_scale"])
     if args["arch"] is None and not (preset and "arch" in PRESETS[preset].overrides):
         build_train_parser().error("--arch is required (or a --preset that sets it)")
     try:

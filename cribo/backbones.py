@@ -28,8 +28,9 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import HybridEmbed, LayerNorm2d, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from cribo import presets
@@ -54,6 +55,8 @@ class ArchSpec:
     timm_name: str
     patch_size: int
     embed_dim: int
+    depth: int | None = None      # transformer blocks (None: the timm model's own)
+    conv_stem: bool = False       # patchify with a convolutional stem instead of one p x p convolution
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -64,6 +67,11 @@ ARCHS: dict[str, ArchSpec] = {
     "vit_tiny_patch8_224": ArchSpec("vit_tiny_patch16_224", 8, 192),
     "vit_small_patch8_224": ArchSpec("vit_small_patch8_224", 8, 384),
     "vit_base_patch8_224": ArchSpec("vit_base_patch8_224", 8, 768),
+    # ViT-Ti/16 with the convolutional stem of Xiao et al. 2021 ("Early convolutions help transformers
+    # see better"): four 3x3 stride-2 convolutions (24-48-96-192 channels) replace the 16x16 patchify,
+    # and one transformer block is removed to keep the compute, as in that paper. Learns faster from
+    # scratch on small data (the built-in is trained on CPU).
+    "vit_tiny_convstem_patch16": ArchSpec("vit_tiny_patch16_224", 16, 192, depth=11, conv_stem=True),
 }
 
 
@@ -85,8 +93,25 @@ def _empty_vit(arch: str) -> VisionTransformer:
 
 def _timm_vit(arch: str, **kwargs) -> VisionTransformer:
     spec = _spec(arch)
+    if spec.depth is not None:
+        kwargs["depth"] = spec.depth
+    if spec.conv_stem:
+        kwargs["embed_layer"] = _conv_stem_embed
     return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True,
                              patch_size=spec.patch_size, **kwargs)
+
+
+def _conv_stem_embed(*, patch_size: int, embed_dim: int, **kwargs) -> HybridEmbed:
+    """timm ``embed_layer`` for the convolutional stem: log2(p) 3x3 stride-2 convolutions (LayerNorm2d +
+    ReLU between them, so no batch statistics), channels doubling up to ``embed_dim``, then timm's
+    1x1 projection. The grid is the same as a p x p patchify: one token per p x p pixels."""
+    depth = int(math.log2(patch_size))
+    if 2**depth != patch_size:
+        raise ValueError(f"a convolutional stem needs a power-of-two patch size, got {patch_size}")
+    channels = tuple(embed_dim // 2 ** (depth - 1 - i) for i in range(depth))
+    stem = ConvStem(in_chans=kwargs.get("in_chans", 3), depth=depth, channels=channels, stride=(2,) * depth,
+                    norm_layer=LayerNorm2d)
+    return HybridEmbed(stem, patch_size=1, embed_dim=embed_dim, **kwargs)
 
 
 def _spec(arch: str) -> ArchSpec:

@@ -20,13 +20,16 @@ from typing import Any
 
 from cribo.clustering import CLUSTERING_MODES
 from cribo.losses import CI_NORMALISATIONS
+from cribo.transforms import AUGMENTATIONS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BANK_DTYPES = ("fp32", "fp16", "bf16")
 
 #: Fields that do not change what is computed: excluded from the run identity.
 NON_IDENTITY_FIELDS = frozenset({"stop_at", "log_every", "ckpt_every", "num_workers", "output_dir",
-                                 "device", "progress", "debug_bank_hash"})
+                                 "device", "progress", "debug_bank_hash", "eval_every", "eval_data",
+                                 "eval_dataset", "eval_train_split", "eval_val_split", "eval_support",
+                                 "eval_queries"})
 
 #: Epoch-denominated lengths and the step field each one resolves to.
 EPOCH_FIELDS = {
@@ -72,6 +75,7 @@ class TrainConfig:
     use_cross_image: bool = True        # False: ablation without L_ci^o (Table 5 row 2)
     ci_normalisation: str = "paper"     # L_ci^o: paper (Z1, Z2) | reference (both by Z1): cribo.losses
     crop_scale: tuple[float, float] = (0.25, 1.0)
+    augment: str = "dino"               # view augmentations (cribo.transforms.AUGMENTATIONS): dino | texture
     # --- optimisation (DINO) ---------------------------------------------------------------------
     lr: float = 5e-4                    # base lr, scaled by global_batch / 256
     min_lr: float = 1e-5
@@ -103,6 +107,15 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True               # tqdm bar on rank 0
     debug_bank_hash: bool = False       # write OUT/bank_rank{r}.json (bank fingerprint) at the end
+    # --- learning curve (not part of the identity): cribo.engine evaluates the teacher by k-NN retrieval
+    # (index.probe.RetrievalProbe) on a fixed labelled subset every eval_every steps (0: never).
+    eval_every: int = 0
+    eval_data: str = ""                 # labelled dataset root (index.datasets kinds, see eval_dataset)
+    eval_dataset: str = "folder"        # its layout: folder | voc | ade20k
+    eval_train_split: str = "support"   # support images come from this split ...
+    eval_val_split: str = "val"         # ... query images from this one
+    eval_support: int = 64              # first N images of eval_train_split
+    eval_queries: int = 60              # first N images of eval_val_split
     preset: str = field(default="", compare=False)  # name of the preset it came from (informative)
 
     # ------------------------------------------------------------------------------------------------
@@ -116,8 +129,16 @@ class TrainConfig:
                 raise bad(name, "must be a positive integer (set --" + name.replace("_", "-") + ")")
         if self.num_workers < 0:
             raise bad("num_workers", "must be >= 0")
+        if self.eval_every < 0 or (self.eval_every > 0 and not self.eval_data):
+            raise bad("eval_every", "must be >= 0, and > 0 needs --eval-data (a labelled dataset root)")
+        if self.eval_support < 1 or self.eval_queries < 2:
+            raise bad("eval_support", f"need --eval-support >= 1 and --eval-queries >= 2 (got {self.eval_queries})")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"choose one of {', '.join(PRECISIONS)}")
+        if self.augment not in AUGMENTATIONS:
+            raise bad("augment", f"choose one of {', '.join(AUGMENTATIONS)}")
+        if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise bad("crop_scale", "need 0 < MIN <= MAX <= 1 (fractions of the image area)")
         if self.bank_dtype not in BANK_DTYPES:
             raise bad("bank_dtype", f"choose one of {', '.join(BANK_DTYPES)}")
         if self.clustering not in CLUSTERING_MODES:

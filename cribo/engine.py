@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from cribo import dist
-from cribo.backbones import ARCHS, create_vit, export_backbone
+from cribo.backbones import ARCHS, Backbone, create_vit, export_backbone
 from cribo.bank import ObjectMemoryBank
 from cribo.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_identity, load_checkpoint,
                               restore_rng, save_checkpoint)
@@ -62,7 +62,9 @@ from cribo.io import atomic_path, write_json
 from cribo.losses import DINOLoss, ObjectLoss, cross_image_loss
 from cribo.precision import resolve_precision
 from cribo.schedules import cosine_schedule, teacher_temp_schedule
-from cribo.transforms import TwoViewTransform
+from cribo.transforms import AUGMENTATIONS, TwoViewTransform
+from index.datasets import open_dataset
+from index.probe import RetrievalProbe
 
 __all__ = ["TrainConfig", "CrIBoNet", "CrIBoTrainer", "StepTimer", "train", "export_teacher",
            "LOG_KEYS", "TIME_SPLITS", "LOG_NAME", "clip_gradients_", "ema_update_"]
@@ -175,11 +177,6 @@ def build_network(config: TrainConfig, *, drop_path: float) -> CrIBoNet:
     return CrIBoNet(vit, head, config.num_clusters)
 
 
-def patch_size_of(net: CrIBoNet) -> int:
-    p = net.backbone.patch_embed.patch_size
-    return int(p[0] if isinstance(p, (tuple, list)) else p)
-
-
 def arch_patch_size(arch: str) -> int:
     if arch not in ARCHS:
         raise ValueError(f"--arch {arch!r} is not supported; choose one of {', '.join(ARCHS)}")
@@ -272,7 +269,7 @@ class CrIBoTrainer:
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.teacher.train(False)
-        self.patch_size = patch_size_of(self.student)
+        self.patch_size = arch_patch_size(config.arch)
         if config.img_size % self.patch_size:
             raise ValueError(f"--img-size {config.img_size} is not a multiple of the patch size "
                              f"{self.patch_size} of {config.arch}")
@@ -488,7 +485,9 @@ def _seed_worker(worker_id: int) -> None:
 def build_dataset(config: TrainConfig, patch_size: int) -> Dataset:
     """The pretraining dataset of ``config.data`` with the two-view transform (cribo.data)."""
 
-    transform = TwoViewTransform(config.img_size, scale=tuple(config.crop_scale), patch_size=patch_size)
+    view1_aug, view2_aug = AUGMENTATIONS[config.augment]
+    transform = TwoViewTransform(config.img_size, scale=tuple(config.crop_scale), patch_size=patch_size,
+                                 view1_aug=view1_aug, view2_aug=view2_aug)
     return build_pretraining_dataset(config.data, transform, split=config.data_split,
                                      skip_corrupt=config.skip_corrupt)
 
@@ -657,6 +656,19 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
         dist.barrier()
 
     log_file = open(log_path, "a") if is_main else None  # noqa: SIM115 (closed in finally)
+    probe = build_probe(config) if is_main and config.eval_every else None
+
+    def evaluate(step: int) -> None:
+        """Learning curve: one row {step, eval_miou, eval_patch_nn, eval_seconds} (rank 0 evaluates)."""
+        if probe is not None:
+            with torch.random.fork_rng(devices=[]):  # the run's random streams stay untouched
+                row = {"step": step, **probe(teacher_backbone(trainer, step))}
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+            tqdm.write(f"step {step}: eval mIoU {row['eval_miou']:.2f}, patch-NN {row['eval_patch_nn']:.3f} "
+                       f"({row['eval_seconds']:.0f} s)", file=sys.stderr)
+        dist.barrier()
+
     bar = tqdm(total=config.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=not (is_main and config.progress), file=sys.stderr)
     timer = trainer.timer
@@ -665,6 +677,8 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
     step_time = 0.0
     it = start
     try:
+        if start == 0 and config.eval_every:
+            evaluate(0)
         while it < end:
             epoch = it // epoch_steps
             sampler.set_position(epoch, (it % epoch_steps) * config.batch_size)
@@ -687,6 +701,8 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
                     bar.set_postfix(loss=f"{row['loss']:.4f}", boot=f"{row['bootstrap_ratio']:.3f}")
                     timer.reset()
                     step_time = 0.0
+                if config.eval_every and (it % config.eval_every == 0 or it == end):
+                    evaluate(it)
                 if it % config.ckpt_every == 0 or it == end:
                     save(it)
                 if crash_at_step is not None and it == crash_at_step:
@@ -702,6 +718,20 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
         write_json(out_dir / f"bank_rank{rank}.json", state_fingerprint(trainer))
     summary.update(step=it, stopped=it < config.max_steps)
     return summary
+
+
+def build_probe(config: TrainConfig) -> RetrievalProbe:
+    """The learning-curve probe of ``config.eval_*``: first ``eval_support`` images of the support split,
+    first ``eval_queries`` of the query split, k = 50, exact search, on the CPU in fp32."""
+    support = open_dataset(config.eval_dataset, config.eval_data, config.eval_train_split)
+    queries = open_dataset(config.eval_dataset, config.eval_data, config.eval_val_split)
+    return RetrievalProbe(support, queries, num_support=config.eval_support, num_queries=config.eval_queries)
+
+
+def teacher_backbone(trainer: "CrIBoTrainer", step: int) -> Backbone:
+    """The teacher's ViT behind the named backbone contract (no copy: it shares the weights)."""
+    return Backbone(trainer.teacher.backbone, trainer.config.arch, identity=f"teacher:step{step}",
+                    source=f"{trainer.config.output_dir} teacher, step {step}")
 
 
 def _log_row(trainer: CrIBoTrainer, stats: dict[str, torch.Tensor], step: int, epoch: int,

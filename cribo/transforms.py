@@ -57,6 +57,15 @@ class ViewAugmentation:
 VIEW1_AUG = ViewAugmentation(blur_p=1.0, solarize_p=0.0)
 VIEW2_AUG = ViewAugmentation(blur_p=0.1, solarize_p=0.2)
 
+#: Named view pairs (``TrainConfig.augment``). "dino": DINO's two global views. "texture": the same
+#: colour jitter, grayscale and solarisation, but a weak, occasional blur (sigma <= 0.6 on half of the
+#: first views, none on the second), so that fine textures (periods of 2-10 px, the cue that
+#: identifies many classes of the generated scenes) survive in both views.
+AUGMENTATIONS: dict[str, tuple[ViewAugmentation, ViewAugmentation]] = {
+    "dino": (VIEW1_AUG, VIEW2_AUG),
+    "texture": (ViewAugmentation(blur_p=0.5, blur_sigma=(0.1, 0.6)), ViewAugmentation(blur_p=0.0, solarize_p=0.2)),
+}
+
 
 @dataclass(frozen=True)
 class ViewParams:

@@ -1,0 +1,192 @@
+"""The learning curve (train.py --eval-every), its probe, the hand-made baselines and the new recipe knobs.
+
+Hand-made inputs with known answers: LBP codes of constant, single-spike and checkerboard images; the
+texture descriptor of a constant image; a dataset of one-colour patches that any pixel feature
+retrieves perfectly; a toy patch-NN case. The engine tests check that evaluating during training
+changes nothing in the run (bitwise), and that the eval rows survive a resume and reach the plot.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cribo.backbones import create_vit, export_backbone, load_backbone
+from cribo.config import TrainConfig
+from cribo.engine import LOG_KEYS, train
+from cribo.report import plot_training_log
+from cribo.transforms import AUGMENTATIONS
+from index.datasets import open_dataset
+from index.descriptors import LBP_BINS, PixelPatches, TextureDescriptor, lbp_riu2_codes
+from index.features import IMAGENET_MEAN, IMAGENET_STD, image_features
+from index.probe import RetrievalProbe, patch_nn_rates
+from tests.test_engine import tiny_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def normalised(rgb01: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (rgb01 - mean) / std
+
+
+# ---------------------------------------------------------------------------------- descriptors
+def test_lbp_codes_on_hand_made_patterns():
+    flat = torch.full((1, 1, 9, 9), 0.5)
+    assert (lbp_riu2_codes(flat, 1) == 8).all()  # every neighbour >= the centre: eight ones
+    spike = flat.clone()
+    spike[0, 0, 4, 4] = 1.0
+    assert lbp_riu2_codes(spike, 1)[0, 4, 4] == 0  # brighter than all its neighbours
+    assert lbp_riu2_codes(spike, 2)[0, 4, 4] == 0
+    yy, xx = torch.meshgrid(torch.arange(9), torch.arange(9), indexing="ij")
+    checker = ((yy + xx) % 2).float()[None, None]
+    codes = lbp_riu2_codes(checker, 1)[0]
+    assert codes[4, 5] == LBP_BINS - 1  # bright centre: 0,1,0,1,... around it, eight transitions
+    assert codes[4, 4] == 8  # dark centre: every neighbour >= it
+    edge = (xx >= 5).float()[None, None]  # a vertical step
+    codes = lbp_riu2_codes(edge, 1)[0]
+    assert codes[4, 4] == 8 and codes[4, 5] == 5  # dark side: all >=; bright side: three darker in a row
+
+
+def test_texture_descriptor_of_a_constant_image_is_exact():
+    d = TextureDescriptor()
+    out = d.forward_features(normalised(torch.full((2, 3, 32, 48), 0.5)))
+    tokens = out["x_norm_patchtokens"]
+    assert tokens.shape == (2, 6, d.embed_dim) and d.embed_dim == 68 and out["grid"] == (2, 3)
+    third = 1 / math.sqrt(3)
+    expected = torch.zeros(68)
+    expected[[4, 12, 20]] = third  # bin int(0.5 * 8) = 4 of each channel
+    expected[24 + 14 + 8::LBP_BINS] = third  # LBP code 8 at radii 1, 2, 4; no gradients at all
+    torch.testing.assert_close(tokens, expected.expand(2, 6, 68), atol=2e-3, rtol=0)
+
+
+def test_pixel_patches_are_the_patch_values_in_unfold_order():
+    x = normalised(torch.rand(1, 3, 32, 32))  # pixels in [0, 1], as an image gives
+    tokens = PixelPatches().forward_features(x)["x_norm_patchtokens"]  # (1, 4, 768)
+    torch.testing.assert_close(tokens[0, 1], x[0, :, :16, 16:].reshape(-1), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- the probe
+def write_patch_dataset(root: Path, splits: dict[str, int]) -> Path:
+    """32x32 images of four one-coloured 16x16 patches, a class per colour: patch-perfect labels."""
+    colours = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], np.uint8)
+    (root / "classes.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("red\ngreen\nblue\n")
+    rng = np.random.default_rng(0)
+    for split, n in splits.items():
+        for d in ("images", "masks"):
+            (root / d / split).mkdir(parents=True, exist_ok=True)
+        for j in range(n):
+            classes = rng.integers(0, 3, (2, 2)).astype(np.uint8)
+            mask = np.kron(classes, np.ones((16, 16), np.uint8))
+            Image.fromarray(colours[mask]).save(root / "images" / split / f"{j:03d}.png")
+            Image.fromarray(mask).save(root / "masks" / split / f"{j:03d}.png")
+    return root
+
+
+def test_probe_scores_a_perfect_feature_at_100(tmp_path):
+    root = write_patch_dataset(tmp_path / "ds", {"support": 20, "val": 6})
+    probe = RetrievalProbe(open_dataset("folder", root, "support"), open_dataset("folder", root, "val"),
+                           num_support=20, num_queries=6, k=5)
+    result = probe(PixelPatches())
+    assert result["eval_miou"] == pytest.approx(100.0) and result["eval_patch_nn"] == pytest.approx(1.0)
+
+
+def test_probe_refuses_too_few_support_patches(tmp_path):
+    root = write_patch_dataset(tmp_path / "ds", {"support": 2, "val": 2})
+    probe = RetrievalProbe(open_dataset("folder", root, "support"), open_dataset("folder", root, "val"), k=50)
+    with pytest.raises(ValueError, match="k=50 larger than the index"):
+        probe(PixelPatches())
+
+
+def test_patch_nn_rates_on_a_toy_case():
+    # image 0: patches A (class 0) and B (class 1); image 1: A' near A (class 0), B' near A (class 1)
+    tokens = np.array([[1, 0], [0, 1], [0.99, 0.14], [0.95, 0.31]], np.float32)
+    tokens /= np.linalg.norm(tokens, axis=1, keepdims=True)
+    rates = patch_nn_rates(tokens, labels=np.array([0, 1, 0, 1]), image_of=np.array([0, 0, 1, 1]),
+                           cell=np.array([0, 1, 0, 1]))
+    # A -> A' (same class, same cell); B -> B' (same class, same cell); A' -> A (yes); B' -> A (no, other cell)
+    assert rates == {"same_class_top1": 0.75, "same_position_top1": 0.75}
+
+
+def test_handmade_features_go_through_image_features():
+    image = np.full((40, 50, 3), 128, np.uint8)  # protocol size 32 x 48
+    tokens, grid = image_features(TextureDescriptor(), image, precision="fp32")
+    assert grid == (2, 3) and tokens.shape == (6, 68)
+    np.testing.assert_allclose(np.linalg.norm(tokens, axis=1), 1.0, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------- conv stem
+def test_conv_stem_vit_keeps_the_patch_grid_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    vit = create_vit("vit_tiny_convstem_patch16")
+    assert len(vit.blocks) == 11
+    path = export_backbone(vit, "vit_tiny_convstem_patch16", tmp_path / "b.safetensors")  # noqa: F841
+    loaded = load_backbone(weights=tmp_path / "b.safetensors")
+    assert loaded.arch == "vit_tiny_convstem_patch16" and loaded.patch_size == 16
+    x = torch.randn(1, 3, 64, 96)
+    out = loaded.forward_features(x)
+    assert out["grid"] == (4, 6) and out["x_norm_patchtokens"].shape == (1, 24, 192)
+    vit.eval()
+    torch.testing.assert_close(out["x_norm_patchtokens"], vit.forward_features(x)[:, 1:])
+
+
+# ---------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("kw, match", [
+    (dict(eval_every=5), "needs --eval-data"),
+    (dict(eval_every=-1, eval_data="x"), "must be >= 0"),
+    (dict(augment="strong"), "choose one of dino, texture"),
+    (dict(crop_scale=(0.5, 0.2)), "MIN <= MAX"),
+    (dict(eval_every=5, eval_data="x", eval_queries=1), "--eval-queries >= 2"),
+])
+def test_config_refuses_bad_recipe_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(max_steps=1, batch_size=1, **kw)
+
+
+def test_texture_views_blur_less_than_dino():
+    dino, texture = AUGMENTATIONS["dino"], AUGMENTATIONS["texture"]
+    assert texture[0].blur_sigma[1] < dino[0].blur_sigma[1] and texture[1].blur_p == 0.0
+    assert texture[1].solarize_p == dino[1].solarize_p and texture[0].jitter_p == dino[0].jitter_p
+
+
+# ---------------------------------------------------------------------------------- the engine
+def test_eval_every_logs_a_curve_without_changing_the_run(tmp_path):
+    eval_root = write_patch_dataset(tmp_path / "eval", {"support": 16, "val": 3})
+    plain = tiny_config(tmp_path / "plain", max_steps=4, log_every=1)
+    train(plain)
+    curve = tiny_config(tmp_path / "curve", max_steps=4, log_every=1, eval_every=2, eval_data=str(eval_root),
+                        eval_support=16, eval_queries=3)
+    train(curve)
+    rows = [json.loads(line) for line in (Path(curve.output_dir) / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_miou" in r]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all(set(r) == {"step", "eval_miou", "eval_patch_nn", "eval_seconds"} for r in evals)
+    assert all(set(r) == set(LOG_KEYS) for r in steps)
+    base = [json.loads(line) for line in (Path(plain.output_dir) / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in steps] == [r["loss"] for r in base]  # bitwise: evaluation touches nothing
+    png = plot_training_log(Path(curve.output_dir) / "log.jsonl", tmp_path / "c.png", images_per_step=2)
+    assert png.stat().st_size > 0
+
+
+def test_eval_rows_survive_a_resume(tmp_path):
+    eval_root = write_patch_dataset(tmp_path / "eval", {"support": 16, "val": 3})
+    kw = dict(max_steps=4, log_every=1, eval_every=2, eval_data=str(eval_root), eval_support=16, eval_queries=3)
+    train(tiny_config(tmp_path, stop_at=2, ckpt_every=2, **kw))
+    train(tiny_config(tmp_path, ckpt_every=2, **kw))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_miou" in r] == [0, 2, 4]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
