@@ -54,7 +54,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     net.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
                      help="area range of the two crops, fractions of the image " + _default("crop_scale"))
     net.add_argument("--augment", choices=sorted(AUGMENTATIONS),
-                     help="view augmentations: dino (DINO's pair) or texture (weak blur) " + _default("augment"))
+                     help="view augmentations (cribo.transforms.AUGMENTATIONS): dino (DINO's pair), texture "
+                          "(weak blur), mild (weak blur, class-preserving colour changes) " + _default("augment"))
 
     cr = p.add_argument_group("CrIBo")
     cr.add_argument("-K", "--num-clusters", type=int, help=_default("num_clusters"))

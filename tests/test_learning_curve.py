@@ -147,7 +147,7 @@ def test_conv_stem_vit_keeps_the_patch_grid_and_round_trips(tmp_path):
 @pytest.mark.parametrize("kw, match", [
     (dict(eval_every=5), "needs --eval-data"),
     (dict(eval_every=-1, eval_data="x"), "must be >= 0"),
-    (dict(augment="strong"), "choose one of dino, texture"),
+    (dict(augment="strong"), "choose one of dino, texture, mild"),
     (dict(crop_scale=(0.5, 0.2)), "MIN <= MAX"),
     (dict(eval_every=5, eval_data="x", eval_queries=1), "--eval-queries >= 2"),
 ])
@@ -160,6 +160,9 @@ def test_texture_views_blur_less_than_dino():
     dino, texture = AUGMENTATIONS["dino"], AUGMENTATIONS["texture"]
     assert texture[0].blur_sigma[1] < dino[0].blur_sigma[1] and texture[1].blur_p == 0.0
     assert texture[1].solarize_p == dino[1].solarize_p and texture[0].jitter_p == dino[0].jitter_p
+    mild = AUGMENTATIONS["mild"]
+    assert all(a.hue <= 0.02 and a.solarize_p == 0 and a.grayscale_p <= 0.05 for a in mild)
+    assert mild[0].blur_sigma == texture[0].blur_sigma
 
 
 # ---------------------------------------------------------------------------------- the engine
