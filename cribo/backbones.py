@@ -33,6 +33,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cribo import presets
+from cribo.errors import DataError
 from cribo.io import atomic_path, write_json
 
 BUILTIN_ARCH = "vit_tiny_patch16_224"
@@ -43,7 +44,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.
 _SHOW = 10  # keys listed per category in error messages
 
 
-class BackboneLoadError(RuntimeError):
+class BackboneLoadError(DataError, RuntimeError):
     """Weights that cannot be loaded into a backbone; the message names the file and the fix."""
 
 

@@ -29,13 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from cribo.errors import DataError
 from cribo.io import atomic_path
 
 FORMAT = "cribo-train-v1"
 CHECKPOINT_NAME = "checkpoint.pth"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DataError, RuntimeError):
     """A checkpoint that cannot be used: unreadable, of another format, or of another run."""
 
 
