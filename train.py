@@ -17,6 +17,8 @@ import json
 import sys
 
 from cribo.config import PRESETS, TrainConfig, config_from_preset
+from cribo.dirswap import check_output_file, check_writable
+from cribo.errors import CliParser, UsageError, run_cli
 
 DEFAULTS = TrainConfig.__dataclass_fields__
 
@@ -25,8 +27,8 @@ def _default(name: str) -> str:
     return f"(default: preset value, else {DEFAULTS[name].default})"
 
 
-def build_train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="CrIBo pretraining (ICLR 2024).", epilog=__doc__,
+def build_train_parser() -> CliParser:
+    p = CliParser(description="CrIBo pretraining (ICLR 2024).", epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     req = p.add_argument_group("run")
     req.add_argument("--data", required=True, help="folder of images (recursive), ImageNet/COCO root, or hf:NAME[:SPLIT]")
@@ -90,8 +92,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py export",
+def build_export_parser() -> CliParser:
+    p = CliParser(prog="train.py export",
                                 description="Export the teacher backbone of OUT/checkpoint.pth as "
                                             "OUT/backbone.safetensors + OUT/backbone.json.")
     p.add_argument("--output-dir", required=True, help="the training run's OUT folder")
@@ -101,8 +103,8 @@ def build_export_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_plot_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py plot",
+def build_plot_parser() -> CliParser:
+    p = CliParser(prog="train.py plot",
                                 description="Draw OUT/log.jsonl: losses, bootstrapping ratio, kept clusters.")
     p.add_argument("--output-dir", required=True, help="the training run's OUT folder")
     p.add_argument("--out", help="PNG path (default OUT/training_curves.png)")
@@ -110,12 +112,19 @@ def build_plot_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Exit 0 on success; a user error prints one line ``error: ...`` (exit 2 arguments, 1 data)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "export":
         args = build_export_parser().parse_args(argv[1:])
+        from pathlib import Path
+
         from cribo.engine import export_teacher
+        check_output_file(args.out or Path(args.output_dir) / "backbone.safetensors", label="--out")
         info = export_teacher(args.output_dir, args.out, dtype=args.dtype)
-        print(json.dumps({k: info[k] for k in ("arch", "patch_size", "embed_dim", "sha256", "step")}))
+        print(json.dumps({k: info[k] for k in ("arch", "patch_size", "embed_dim", "sha256", "step", "checkpoint")}))
         return 0
     if argv and argv[0] == "plot":
         args = build_plot_parser().parse_args(argv[1:])
@@ -123,17 +132,20 @@ def main(argv: list[str] | None = None) -> int:
 
         from cribo.report import plot_training_log
         out = args.out or Path(args.output_dir) / "training_curves.png"
+        check_output_file(out, label="--out")
         print(plot_training_log(Path(args.output_dir) / "log.jsonl", out))
         return 0
 
     args = vars(build_train_parser().parse_args(argv))
     preset, crash_at_step = args.pop("preset"), args.pop("crash_at_step")
+    args.pop("debug")  # handled by run_cli
     if args["arch"] is None and not (preset and "arch" in PRESETS[preset].overrides):
         build_train_parser().error("--arch is required (or a --preset that sets it)")
     try:
         config = config_from_preset(preset, **args)
     except ValueError as e:
-        build_train_parser().error(str(e))
+        raise UsageError(str(e)) from e
+    check_writable(config.output_dir, label="--output-dir")  # before any compute
     from cribo.engine import train
     summary = train(config, crash_at_step=crash_at_step)
     print(json.dumps(summary))

@@ -111,6 +111,11 @@ class TrainConfig:
                 raise bad(name, "must be a positive integer (set --" + name.replace("_", "-") + ")")
         if self.num_workers < 0:
             raise bad("num_workers", "must be >= 0")
+        if not 0 <= self.seed < 2**31:
+            raise bad("seed", "must be an integer in [0, 2**31) (set --seed)")
+        for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "must be > 0 (set --" + name.replace("_", "-") + ")")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"choose one of {', '.join(PRECISIONS)}")
         if self.bank_dtype not in BANK_DTYPES:

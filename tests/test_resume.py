@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,14 +131,14 @@ def test_interrupted_runs_equal_the_straight_run_bitwise(tmp_path, data_dir, cap
     assert log_rows(straight) == rows
 
 
-def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, data_dir):
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     main = train_main()
     assert main(argv(data_dir, out, "--stop-at", "1")) == 0
-    with pytest.raises(CheckpointError, match=r"belongs to another run .*differing: lr"):
-        main([*argv(data_dir, out), "--lr", "2e-3"])
-    with pytest.raises(CheckpointError, match="differing: max_steps"):
-        main([*argv(data_dir, out), "--max-steps", str(STEPS + 1)])
+    assert main([*argv(data_dir, out), "--lr", "2e-3"]) == 1  # bad state: one line, exit 1
+    assert re.search(r"^error: .*checkpoint.pth belongs to another run .*differing: lr", capsys.readouterr().err, re.M)
+    with pytest.raises(CheckpointError, match="differing: max_steps"):  # --debug: the exception itself
+        main([*argv(data_dir, out), "--max-steps", str(STEPS + 1), "--debug"])
     # what may change: logging, checkpoint cadence, workers
     assert main(argv(data_dir, out, "--stop-at", "2", "--log-every", "2", "--ckpt-every", "5")) == 0
     assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2
