@@ -154,3 +154,21 @@ def test_checkpoint_loads_with_weights_only_and_exports(tmp_path, data_dir):
     assert train_main()(["export", "--output-dir", str(out)]) == 0
     info = json.loads((out / "backbone.json").read_text())
     assert info["step"] == 1 and info["arch"] == "vit_tiny_patch16_224"
+
+
+def test_damaged_checkpoint_resumes_from_its_predecessor_and_says_so(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    main = train_main()
+    assert main(argv(data_dir, out, "--stop-at", "1")) == 0
+    assert main(argv(data_dir, out, "--stop-at", "2")) == 0
+    ckpt = out / "checkpoint.pth"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte inside the tensor records
+    ckpt.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(argv(data_dir, out, "--stop-at", "2")) == 0
+    captured = capsys.readouterr()
+    assert f"{ckpt}: " in captured.err and f"resuming from {out / 'checkpoint.prev.pth'} (step 1)" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["start_step"] == 1 and summary["resumed_from"] == str(out / "checkpoint.prev.pth")
+    assert summary["step"] == 2 and torch.load(ckpt, weights_only=True)["step"] == 2  # a good file again
