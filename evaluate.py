@@ -14,7 +14,9 @@ import argparse
 import sys
 
 from cribo.dirswap import check_output_file
+from cribo.argtypes import positive_int
 from cribo.errors import CliParser, run_cli
+from index.bounds import bound_dataset
 from index.cli import add_backbone_args, add_data_args, add_extraction_args, backbone_from_args
 from index.datasets import DEFAULT_SPLITS, open_dataset
 from index.protocol import LEVELS, VOTES, run_protocol
@@ -39,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", help="query split (default: val / validation / val)")
     add_backbone_args(p, "--seed")
     p.add_argument("--ratios", type=_ratios, default=[1, 8, 64, 128], help="support ratios 1/n (default 1,8,64,128)")
-    p.add_argument("--seeds", type=int, default=5, help="runs per ratio > 1, seeds 0..S-1 (default 5)")
-    p.add_argument("--k", type=int, default=50, help="neighbours per query patch (default 50)")
+    p.add_argument("--seeds", type=positive_int, default=5, help="runs per ratio > 1, seeds 0..S-1 (default 5)")
+    p.add_argument("--k", type=positive_int, default=50, help="neighbours per query patch (default 50)")
     p.add_argument("--index", default="flat", choices=sorted(INDEX_KINDS), help="FAISS index kind (default flat = exact)")
     p.add_argument("--vote", default="majority", choices=VOTES, help="label transfer (default majority)")
     p.add_argument("--level", default="patch", choices=LEVELS, help="score patches (paper) or pixels")
@@ -60,8 +62,8 @@ def _main(argv: list[str]) -> int:
     val_split = args.val_split or DEFAULT_SPLITS[args.dataset][1]
     check_output_file(args.out, label="--out")  # before any compute
     backbone = backbone_from_args(args)
-    train_ds = open_dataset(args.dataset, args.root, train_split)
-    val_ds = open_dataset(args.dataset, args.root, val_split)
+    train_ds = bound_dataset(open_dataset(args.dataset, args.root, train_split), args.max_side, backbone.patch_size)
+    val_ds = bound_dataset(open_dataset(args.dataset, args.root, val_split), args.max_side, backbone.patch_size)
     results = run_protocol(
         backbone, train_ds, val_ds, ratios=args.ratios, seeds=args.seeds, k=args.k, index_kind=args.index,
         vote=args.vote, level=args.level, cache_dir=args.cache_dir, device=args.device,

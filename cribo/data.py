@@ -83,7 +83,7 @@ def _decode(opener: Callable[[], Image.Image], what: str) -> Image.Image:
     except _DECODE_ERRORS as exc:
         raise CorruptImageError(
             f"{what}: cannot decode image ({type(exc).__name__}: {exc}). Remove or replace it, or pass "
-            "skip_corrupt=True to skip unreadable images with a warning."
+            "--skip-corrupt (skip_corrupt=True) to skip unreadable images with a warning."
         ) from exc
 
 

@@ -146,21 +146,23 @@ def check_output_file(path: str | os.PathLike, *, label: str) -> None:
 
 
 def check_writable(folder: str | os.PathLike, *, label: str) -> None:
-    """Create ``folder`` (and parents) if needed and prove it accepts a new file; else TargetError."""
-    folder = Path(folder)
+    """Prove that ``folder`` (or, when it does not exist yet, its nearest existing ancestor, where it
+    will be created) accepts a new file, leaving nothing behind; else :class:`TargetError`."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TargetError(f"{label}: {folder} cannot be a folder ({existing} is a file); choose another {label}")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".cribo-write-probe.", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".cribo-write-probe.", dir=existing)
         os.close(fd)
         os.unlink(probe)
-    except (FileExistsError, NotADirectoryError) as e:
-        raise TargetError(f"{label}: {folder} cannot be a folder ({e.filename} is a file); choose another "
-                          f"{label}") from e
     except PermissionError as e:
-        raise TargetError(f"{label}: the folder {folder} is not writable ({e.strerror}); choose a writable "
+        raise TargetError(f"{label}: the folder {existing} is not writable ({e.strerror}); choose a writable "
                           f"{label} or fix its permissions") from e
     except OSError as e:
-        raise TargetError(f"{label}: cannot write in {folder} ({e.strerror}); choose another {label}") from e
+        raise TargetError(f"{label}: cannot write in {existing} ({e.strerror}); choose another {label}") from e
 
 
 def _remove(path: Path) -> None:
@@ -207,6 +209,7 @@ def publish(path: str | os.PathLike, fill: Callable[[Path], None], *, owned: Cal
     path = Path(path)
     expected = tuple(expected)
     check_target(path, owned=owned, expected=expected, label=label, what=what)
+    path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path, incomplete_only=True)
     now = time.time_ns()
     stem = f".{path.name}.{now}-{os.getpid()}"
