@@ -170,3 +170,14 @@ def test_kill_at_every_write_boundary_leaves_a_complete_index(tmp_path, boundary
     make_index(13, seed=2).save(out)  # the next run recovers and cleans up after the killed one
     assert SupportIndex.load(out).ntotal == 13
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["idx", os.readlink(out)])
+
+
+def test_unwritable_folder_is_refused_before_any_compute(tmp_path, monkeypatch):
+    """A read-only folder (simulated: this suite may run as root, which ignores permission bits)."""
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(dirswap.tempfile, "mkstemp", refuse)
+    with pytest.raises(dirswap.TargetError, match=r"--out: the folder .* is not writable \(Permission denied\)"):
+        check_index_target(tmp_path / "ro" / "idx")
+    assert list(tmp_path.iterdir()) == []  # the missing folder was not created
