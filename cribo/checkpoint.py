@@ -109,7 +109,7 @@ def _feed(h: "hashlib._Hash", v: Any) -> None:
     if isinstance(v, torch.Tensor):
         t = v.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     elif isinstance(v, dict):
         h.update(b"D%d" % len(v))
         for k in sorted(v, key=repr):
