@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cribo import presets
-from cribo.errors import DataError
+from cribo.errors import TORCH_LOAD_ERRORS, TORCH_PROTOCOL_WARNING, DataError
 from cribo.io import atomic_path, write_json
 
 BUILTIN_ARCH = "vit_tiny_patch16_224"
@@ -294,7 +295,8 @@ def _sniff(path: Path) -> str:
 
 def _torch_load(path: Path) -> object:
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=TORCH_PROTOCOL_WARNING)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         blocked = re.search(r"GLOBAL (\S+)", str(err))
@@ -307,7 +309,7 @@ def _torch_load(path: Path) -> object:
             "can run code from the file). In a trusted session, re-save just the weights, e.g. "
             "torch.save(ckpt['teacher'], 'x.pth'), or export them with cribo.backbones.export_backbone"
         ) from err
-    except (RuntimeError, EOFError, ValueError) as err:
+    except TORCH_LOAD_ERRORS as err:  # the rest: random bytes, truncation
         raise BackboneLoadError(f"{path} is a corrupt or truncated torch checkpoint "
                                 f"({_first_line(err)}); download or save it again") from err
 

@@ -31,16 +31,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import random
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from cribo.errors import DataError
+from cribo.errors import TORCH_LOAD_ERRORS, TORCH_PROTOCOL_WARNING, DataError
 from cribo.io import fsync_path, remove_stale_temps
 
 FORMAT = "cribo-train-v1"
@@ -188,8 +188,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; train first (python train.py ... --output-dir {path.parent})")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:  # torch's unpickler
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=TORCH_PROTOCOL_WARNING)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except (*TORCH_LOAD_ERRORS, OSError) as e:
         raise CheckpointError(f"{path}: damaged or not a training checkpoint ({_first_line(e)}); "
                               f"delete it to use {previous_path(path).name} or to start over") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from cribo.errors import UsageError
-from cribo.io import fsync_path
+from cribo.io import fsync_path, pid_alive
 
 BOUNDARIES = ("filled", "versioned", "moved-legacy", "linked", "swapped", "cleaned")
 Hook = Callable[[str], None]
@@ -57,18 +57,6 @@ def _pattern(name: str) -> re.Pattern[str]:
     n = re.escape(name)
     return re.compile(rf"^\.{n}\.(?:(?P<time>\d+)-(?P<pid>\d+)\.(?P<kind>tmp|ver|lnk)"
                       rf"|(?P<legacy>[A-Za-z0-9_]+)\.(?:tmp|old))$")
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # an earlier, finished or failed, publish of this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _link_target(path: Path) -> str | None:
@@ -191,7 +179,7 @@ def remove_stale(path: str | os.PathLike, *, incomplete_only: bool) -> list[Path
         if m.group("legacy") is not None:
             stale = not incomplete_only or sibling.name.endswith(".tmp")
         else:
-            stale = (not incomplete_only or m.group("kind") != "ver") and not _pid_alive(int(m.group("pid")))
+            stale = (not incomplete_only or m.group("kind") != "ver") and not pid_alive(int(m.group("pid")))
         if stale:
             _remove(sibling)
             removed.append(sibling)

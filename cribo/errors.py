@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 from typing import Callable, Sequence, TextIO
 
@@ -28,6 +29,11 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "CRIBO_DEBUG"
+#: what ``torch.load(weights_only=True)`` raises on a damaged or foreign file (random bytes also give
+#: IndexError / KeyError from its unpickler): catch these around the load only, never around more.
+TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, LookupError)
+#: torch's warning for a file that is not a torch pickle at all (random bytes): noise before our message
+TORCH_PROTOCOL_WARNING = r"Detected pickle protocol"
 _WORKER_PREFIX = "Caught "
 _WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 

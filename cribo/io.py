@@ -1,8 +1,8 @@
 """Atomic file writes: write to a temporary file beside the target, fsync, then ``os.replace``.
 
 A reader never sees a half-written file, and a crash never destroys what was already there. A crash
-can leave the temporary sibling ``.NAME.<random>.tmp`` behind; :func:`remove_stale_temps` removes
-those of one target (the writers call it before writing again).
+can leave the temporary sibling ``.NAME.<pid>_<random>.tmp`` behind; the next write of the same target
+removes it (:func:`remove_stale_temps`: only those whose writer process is gone).
 """
 from __future__ import annotations
 
@@ -27,19 +27,36 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 def temp_pattern(path: str | os.PathLike) -> re.Pattern[str]:
-    """Names of the temporary siblings :func:`atomic_path` creates for ``path``."""
-    return re.compile(rf"^\.{re.escape(Path(path).name)}\.[A-Za-z0-9_]+{re.escape(TEMP_SUFFIX)}$")
+    """Names of the temporary siblings of ``path``: ``.NAME.<pid>_<random>.tmp`` (group ``pid``), or
+    ``.NAME.<random>.tmp`` as written by earlier versions."""
+    return re.compile(rf"^\.{re.escape(Path(path).name)}\.(?:(?P<pid>\d+)_)?[A-Za-z0-9_]+{re.escape(TEMP_SUFFIX)}$")
+
+
+def pid_alive(pid: int) -> bool:
+    """True when another process with this id runs (this process's own id counts as gone: a killed
+    writer restarted in a container often gets the same id back)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporary siblings left by interrupted writes of ``path``; returns what was removed."""
+    """Delete the temporary siblings left by interrupted writes of ``path`` (not those of a writer
+    that is still running); returns what was removed."""
     path = Path(path)
     if not path.parent.is_dir():
         return []
     pattern = temp_pattern(path)
     removed = []
     for sibling in path.parent.iterdir():
-        if pattern.match(sibling.name) and sibling.is_file() and not sibling.is_symlink():
+        m = pattern.match(sibling.name)
+        if m and sibling.is_file() and not sibling.is_symlink() and not (m.group("pid") and pid_alive(int(m.group("pid")))):
             sibling.unlink()
             removed.append(sibling)
     return removed
@@ -54,7 +71,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}_", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

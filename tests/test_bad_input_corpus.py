@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,7 @@ def foreign_link(world: Path) -> None:
 
 MUTATIONS: dict[str, Callable[[Path], None]] = {
     "none": lambda w: None,
-    "corrupt-image": lambda w: write(img(w), os.urandom(300)),
+    "corrupt-image": lambda w: write(img(w), random.Random(1).randbytes(300)),
     "empty-image": lambda w: write(img(w), b""),
     "truncated-image": lambda w: write(img(w), img(w).read_bytes()[:60]),
     "text-as-image": lambda w: write(img(w), b"just some text, not a picture\n"),
@@ -132,7 +133,7 @@ MUTATIONS: dict[str, Callable[[Path], None]] = {
     "rgb-mask": lambda w: save_array(mask(w), np.stack([np.asarray(Image.open(mask(w)))] * 3, -1)),
     "mask-size-mismatch": lambda w: save_array(mask(w), np.zeros((16, 16), np.uint8)),
     "mask-unknown-class": lambda w: save_array(mask(w), np.full((48, 32), 7, np.uint8)),
-    "corrupt-mask": lambda w: write(mask(w), os.urandom(200)),
+    "corrupt-mask": lambda w: write(mask(w), random.Random(2).randbytes(200)),
     "empty-mask": lambda w: write(mask(w), b""),
     "all-void-mask": lambda w: save_array(mask(w), np.full((48, 32), 255, np.uint8)),
     "every-mask-void": lambda w: [save_array(mask(w, "train", j), np.full(Image.open(mask(w, "train", j)).size[::-1],
@@ -142,14 +143,14 @@ MUTATIONS: dict[str, Callable[[Path], None]] = {
     "missing-classes-file": lambda w: (w / "ds" / "classes.txt").unlink(),
     "empty-classes-file": lambda w: write(w / "ds" / "classes.txt", b""),
     "empty-split": lambda w: [p.unlink() for p in (w / "ds" / "images" / "train").iterdir()],
-    "weights-random-bytes": lambda w: write(w / "w" / "tiny.safetensors", os.urandom(1000)),
+    "weights-random-bytes": lambda w: write(w / "w" / "tiny.safetensors", random.Random(3).randbytes(1000)),
     "weights-truncated": lambda w: write(w / "w" / "tiny.safetensors", (w / "w" / "tiny.safetensors").read_bytes()[:5000]),
     "weights-tampered": lambda w: write(w / "w" / "tiny.safetensors",
                                         (w / "w" / "tiny.safetensors").read_bytes()[:-8] + b"\x00" * 8),
     "weights-pickle-object": lambda w: torch.save({"x": Path("evil")}, w / "w" / "evil.pth"),
     "checkpoint-flipped": flip_checkpoint,
     "checkpoint-flipped-no-predecessor": flip_checkpoint,
-    "checkpoint-random-bytes": lambda w: write(w / "run" / "checkpoint.pth", os.urandom(2000)),
+    "checkpoint-random-bytes": lambda w: write(w / "run" / "checkpoint.pth", random.Random(4).randbytes(2000)),
     "checkpoint-truncated": lambda w: write(w / "run" / "checkpoint.pth",
                                             (w / "run" / "checkpoint.pth").read_bytes()[:3000]),
     "checkpoint-non-finite": poison_checkpoint,
@@ -345,7 +346,7 @@ def test_corpus_has_at_least_60_kinds():
 
 # ----------------------------------------------------------------------------------- app uploads
 UPLOADS = {
-    "upload-corrupt": (lambda p: write(p, os.urandom(100)), "image", "not a readable image"),
+    "upload-corrupt": (lambda p: write(p, random.Random(5).randbytes(100)), "image", "not a readable image"),
     "upload-empty": (lambda p: write(p, b""), "image", "not a readable image"),
     "upload-text": (lambda p: write(p, b"hello"), "image", "not a readable image"),
     "upload-over-max-pixels": (lambda p: save_array(p, np.zeros((300, 400, 3), np.uint8)), "image", "--max-pixels"),
@@ -395,3 +396,17 @@ def test_accepted_outputs_are_right(world, capsys):
     a, b = SupportIndex.load(world / "a"), SupportIndex.load(world / "b")
     np.testing.assert_array_equal(a.labels, b.labels)
     assert json.loads((world / "b" / "meta.json").read_text())["image_ids"] == a.meta["image_ids"]
+
+
+def test_weights_of_random_bytes_are_always_a_clear_refusal(tmp_path, capsys):
+    """Whatever torch's unpickler trips on (UnpicklingError, IndexError, KeyError, ...), --weights
+    gets the same one clear error naming the file."""
+    from cribo.backbones import BackboneLoadError, load_backbone
+
+    path = tmp_path / "w.pth"
+    rng = random.Random(7)
+    for _ in range(300):
+        path.write_bytes(rng.randbytes(rng.randrange(1, 512)))
+        with pytest.raises(BackboneLoadError, match=r"w\.pth"):
+            load_backbone(ARCH, str(path))
+    assert capsys.readouterr().err == ""

@@ -4,7 +4,10 @@ export refuses non-finite weights."""
 from __future__ import annotations
 
 import os
+import random
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -75,13 +78,26 @@ def test_flipped_byte_is_refused_and_the_predecessor_used(tmp_path, capsys):
         load_latest(path)
 
 
-@pytest.mark.parametrize("content", [os.urandom(4096), b"", b"PK\x03\x04 truncated zip"], ids=["random", "empty", "zip"])
+@pytest.mark.parametrize("content", [random.Random(0).randbytes(4096), b"", b"PK\x03\x04 truncated zip"],
+                         ids=["random", "empty", "zip"])
 def test_unreadable_checkpoint_is_named_without_torch_advice(tmp_path, content):
     path = tmp_path / "checkpoint.pth"
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: damaged or not a training checkpoint") as e:
         load_checkpoint(path)
     assert "weights_only=False" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_any_random_bytes_are_refused_as_damaged(tmp_path, capsys):
+    """torch's unpickler fails on random bytes in many ways (UnpicklingError, IndexError, KeyError,
+    UnicodeDecodeError, ...): every one is the same one-line refusal, with no torch warning."""
+    path = tmp_path / "checkpoint.pth"
+    rng = random.Random(1)
+    for _ in range(400):
+        path.write_bytes(rng.randbytes(rng.randrange(1, 512)))
+        with pytest.raises(CheckpointError, match="damaged or not a training checkpoint"):
+            load_checkpoint(path)
+    assert capsys.readouterr().err == ""
 
 
 def test_truncated_checkpoint_is_refused(tmp_path):
@@ -101,11 +117,15 @@ def test_checkpoint_without_checksum_loads_with_a_warning(tmp_path, capsys):
 
 def test_stale_temporary_files_are_removed_by_the_next_save(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    for name in (".checkpoint.pth.abc123.tmp", ".checkpoint.prev.pth.1_ff.tmp"):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    for name in (".checkpoint.pth.abc123.tmp", f".checkpoint.prev.pth.{dead}_ff.tmp", f".checkpoint.pth.{os.getpid()}_a.tmp"):
         (tmp_path / name).write_bytes(b"x" * 100)
+    alive = tmp_path / f".checkpoint.pth.{os.getppid()}_ab.tmp"  # a writer that is still running
+    alive.write_bytes(b"x")
     (tmp_path / "notes.tmp").write_text("mine")
     save_checkpoint(path, state(1))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "notes.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint.pth", "notes.tmp", alive.name])
 
 
 def kill_at(boundary: str):
