@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cribo.dirswap import check_output_file
 from cribo.argtypes import positive_int
 from cribo.errors import CliParser, run_cli
 from index.bounds import bound_dataset
 from index.cli import add_backbone_args, add_data_args, add_extraction_args, backbone_from_args
 from index.datasets import DEFAULT_SPLITS, open_dataset
 from index.protocol import LEVELS, VOTES, run_protocol
-from index.report import format_table, format_timing
+from index.report import check_results_target, format_table, format_timing
 from index.store import INDEX_KINDS
 
 
@@ -60,7 +59,7 @@ def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     train_split = args.train_split or DEFAULT_SPLITS[args.dataset][0]
     val_split = args.val_split or DEFAULT_SPLITS[args.dataset][1]
-    check_output_file(args.out, label="--out")  # before any compute
+    check_results_target(args.out)  # before any compute: never overwrite what this tool did not write
     backbone = backbone_from_args(args)
     train_ds = bound_dataset(open_dataset(args.dataset, args.root, train_split), args.max_side, backbone.patch_size)
     val_ds = bound_dataset(open_dataset(args.dataset, args.root, val_split), args.max_side, backbone.patch_size)

@@ -121,8 +121,9 @@ def _main(argv: list[str]) -> int:
         args = build_export_parser().parse_args(argv[1:])
         from pathlib import Path
 
+        from cribo.backbones import check_export_target
         from cribo.engine import export_teacher
-        check_output_file(args.out or Path(args.output_dir) / "backbone.safetensors", label="--out")
+        check_export_target(args.out or Path(args.output_dir) / "backbone.safetensors")
         info = export_teacher(args.output_dir, args.out, dtype=args.dtype)
         print(json.dumps({k: info[k] for k in ("arch", "patch_size", "embed_dim", "sha256", "step", "checkpoint")}))
         return 0

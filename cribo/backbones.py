@@ -34,6 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cribo import presets
+from cribo.dirswap import TargetError, check_output_file
 from cribo.errors import TORCH_LOAD_ERRORS, TORCH_PROTOCOL_WARNING, DataError
 from cribo.io import atomic_path, write_json
 
@@ -428,6 +429,31 @@ def _few(items: list[str]) -> str:
 
 
 # ------------------------------------------------------------------ export
+
+def is_export(path: Path) -> bool:
+    """True when ``path`` is a safetensors file written by :func:`export_backbone` (its header says so)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == EXPORT_FORMAT
+    except (OSError, safetensors.SafetensorError):
+        return False
+
+
+def check_export_target(path: str | os.PathLike, *, label: str = "--out") -> None:
+    """Refuse, before any work, an export ``path`` (or its ``.json``) that would overwrite a file
+    this code did not write, or that is not writable."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise TargetError(f"{label} {path} must end in .safetensors (its .json goes beside it)")
+    check_output_file(path, label=label)
+    sidecar = path.with_suffix(".json")
+    if path.exists() and not is_export(path):
+        raise TargetError(f"{label} {path} exists and is not a backbone exported by this tool; choose another "
+                          f"{label} (nothing was changed)")
+    if sidecar.exists() and not path.exists():
+        raise TargetError(f"{label} {path}: {sidecar} already exists without its export; move it or choose "
+                          f"another {label} (nothing was changed)")
+
 
 def export_backbone(vit: VisionTransformer | Backbone, arch: str, path: str | os.PathLike,
                     meta: dict | None = None, *, dtype: str = "fp32") -> dict:

@@ -53,6 +53,7 @@ def template(tmp_path_factory) -> Path:
     (world / "notes").mkdir()
     (world / "notes" / "todo.txt").write_text("mine")
     (world / "afile").write_text("mine")
+    (world / "user.safetensors").write_bytes(b"someone else's weights")
     return world
 
 
@@ -159,6 +160,9 @@ MUTATIONS: dict[str, Callable[[Path], None]] = {
     "index-bad-meta": lambda w: write(w / "idx" / "meta.json", b"{not json"),
     "index-extra-file": lambda w: write(w / "idx" / "my-notes.md", b"mine"),
     "foreign-symlink": foreign_link,
+    "users-results-md": lambda w: ((w / "res").mkdir(), write(w / "res" / "results.md", b"my notes")),
+    "results-present": lambda w: ((w / "res").mkdir(), write(w / "res" / "results.json", b'{"ratios": {}}\n'),
+                                  write(w / "res" / "results.md", b"old table")),
 }
 
 
@@ -295,6 +299,13 @@ CASES = [
     Case("train-output-dir-is-a-file", "none", "train", T(out="{w}/afile"), 2, "--output-dir"),
     Case("export-out-is-a-folder", "none", "export", ("--output-dir", "{w}/run", "--out", "{w}/notes"), 2, "notes"),
     Case("plot-out-is-a-folder", "none", "plot", ("--output-dir", "{w}/run", "--out", "{w}/notes"), 2, "notes"),
+    Case("evaluate-out-would-overwrite-a-users-file", "users-results-md", "evaluate", E(out="{w}/res/results.json"), 2,
+         "results.md"),
+    Case("evaluate-out-is-a-users-json", "none", "evaluate", E(out="{w}/w/tiny.json"), 2, "tiny.json"),
+    Case("export-out-is-a-users-file", "none", "export", ("--output-dir", "{w}/run", "--out", "{w}/user.safetensors"), 2,
+         "user.safetensors"),
+    Case("export-over-its-own-export", "none", "export", ("--output-dir", "{w}/run", "--out", "{w}/w/tiny.safetensors"), 0),
+    Case("evaluate-over-its-own-results", "results-present", "evaluate", E(), 0),
     Case("synthetic-out-is-a-file", "none", "synthetic", ("--out", "{w}/afile", "--num-images", "1", "--seed", "0"), 1, "afile"),
 ]
 
