@@ -17,7 +17,7 @@ import json
 import sys
 
 from cribo.config import PRESETS, TrainConfig, config_from_preset
-from cribo.dirswap import check_output_file, check_writable
+from cribo.dirswap import check_output_file
 from cribo.errors import CliParser, UsageError, run_cli
 
 DEFAULTS = TrainConfig.__dataclass_fields__
@@ -146,8 +146,8 @@ def _main(argv: list[str]) -> int:
         config = config_from_preset(preset, **args)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    check_writable(config.output_dir, label="--output-dir")  # before any compute
-    from cribo.engine import train
+    from cribo.engine import check_output_dir, train
+    check_output_dir(config.output_dir)  # before any compute
     summary = train(config, crash_at_step=crash_at_step)
     print(json.dumps(summary))
     return 0

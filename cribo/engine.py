@@ -58,6 +58,7 @@ from cribo.clustering import joint_space_clustering, object_representations, spl
 from cribo.config import TrainConfig
 from cribo.data import build_pretraining_dataset
 from cribo.heads import DINOHead
+from cribo.dirswap import TargetError, check_writable
 from cribo.io import atomic_path, write_json
 from cribo.losses import DINOLoss, ObjectLoss, cross_image_loss
 from cribo.precision import resolve_precision
@@ -725,6 +726,25 @@ def _log_row(trainer: CrIBoTrainer, stats: dict[str, torch.Tensor], step: int, e
     if missing:
         raise AssertionError(f"log row keys differ from LOG_KEYS: {sorted(missing)}")
     return row
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """Refuse, before any compute, an ``--output-dir`` that is a file, is not writable, or is a folder
+    of someone else holding files a run writes (log.jsonl, config.json) without being a run folder
+    (one with a checkpoint or a config.json of this code): those files would be overwritten."""
+    out = Path(output_dir)
+    check_writable(out, label="--output-dir")
+    if not out.is_dir() or has_checkpoint(out / CHECKPOINT_NAME):
+        return
+    config = out / "config.json"
+    try:
+        ours = config.is_file() and "identity" in json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        ours = False
+    clash = [n for n in (LOG_NAME, "config.json") if (out / n).exists()]
+    if clash and not ours:
+        raise TargetError(f"--output-dir {out} holds {', '.join(clash)} not written by train.py; choose an "
+                          "empty or new --output-dir (nothing was changed)")
 
 
 # ---------------------------------------------------------------------------------------------------

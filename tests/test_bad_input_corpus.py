@@ -160,6 +160,7 @@ MUTATIONS: dict[str, Callable[[Path], None]] = {
     "index-bad-meta": lambda w: write(w / "idx" / "meta.json", b"{not json"),
     "index-extra-file": lambda w: write(w / "idx" / "my-notes.md", b"mine"),
     "foreign-symlink": foreign_link,
+    "users-log": lambda w: write(w / "notes" / "log.jsonl", b"my log\n"),
     "users-results-md": lambda w: ((w / "res").mkdir(), write(w / "res" / "results.md", b"my notes")),
     "results-present": lambda w: ((w / "res").mkdir(), write(w / "res" / "results.json", b'{"ratios": {}}\n'),
                                   write(w / "res" / "results.md", b"old table")),
@@ -306,6 +307,7 @@ CASES = [
          "user.safetensors"),
     Case("export-over-its-own-export", "none", "export", ("--output-dir", "{w}/run", "--out", "{w}/w/tiny.safetensors"), 0),
     Case("evaluate-over-its-own-results", "results-present", "evaluate", E(), 0),
+    Case("train-output-dir-of-someone-else", "users-log", "train", T(out="{w}/notes"), 2, "log.jsonl"),
     Case("synthetic-out-is-a-file", "none", "synthetic", ("--out", "{w}/afile", "--num-images", "1", "--seed", "0"), 1, "afile"),
 ]
 
