@@ -423,3 +423,14 @@ def test_weights_of_random_bytes_are_always_a_clear_refusal(tmp_path, capsys):
         with pytest.raises(BackboneLoadError, match=r"w\.pth"):
             load_backbone(ARCH, str(path))
     assert capsys.readouterr().err == ""
+
+
+def test_upload_smaller_than_a_patch_is_named_without_splits():
+    """The app's one-image path: the message speaks of the image, not of a dataset split."""
+    from cribo.backbones import load_backbone
+    from index.features import image_features
+
+    backbone = load_backbone(ARCH, random_init=True)
+    with pytest.raises(ValueError, match=r"image of 8x40 \(HxW\) is smaller than one 16x16 patch: use a larger image") as e:
+        image_features(backbone, np.zeros((8, 40, 3), np.uint8))
+    assert "split" not in str(e.value)
