@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import app
+from app.state import DEFAULT_CACHE
 from cribo.argtypes import non_negative_int, positive_int
 from cribo.errors import CliParser, run_cli
-from app.state import DEFAULT_CACHE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,10 +29,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="built-in support scenes, their index and feature caches")
     p.add_argument("--device", default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=positive_int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    p.add_argument("--port", type=positive_int, default=None,
+                   help="port (default: Gradio's, 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link")
-    p.add_argument("--max-side", type=positive_int, default=1024, help="larger uploads are downscaled to this longer side")
-    p.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="uploads above this many pixels are refused")
+    p.add_argument("--max-side", type=positive_int, default=1024,
+                   help="larger uploads are downscaled to this longer side")
+    p.add_argument("--max-pixels", type=positive_int, default=40_000_000,
+                   help="uploads above this many pixels are refused")
     args = p.parse_args(argv)
     if args.backbone is None and args.weights is None:
         args.backbone = "builtin"

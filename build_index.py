@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="support split (default: train_aug / training / train)")
     add_backbone_args(p, "--init-seed")
     p.add_argument("--ratio", type=positive_int, default=1, help="keep round(N/ratio) images (default 1: all)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the support selection (ignored for ratio 1)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the support selection (ignored for ratio 1)")
     p.add_argument("--index", default="flat", choices=sorted(INDEX_KINDS), help="flat (exact), ivf or hnsw (fp16)")
     p.add_argument("--nlist", type=positive_int, help="ivf lists (default 4*sqrt(n))")
     p.add_argument("--nprobe", type=positive_int, default=IndexParams.nprobe, help="ivf lists searched per query")
@@ -59,6 +60,7 @@ def _main(argv: list[str]) -> int:
     print(json.dumps({"event": "index_written", "out": args.out, "kind": index.kind, "ntotal": index.ntotal,
                       "dim": index.dim, "images": len(index.meta["image_ids"]), "search_device": index.search_device}))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

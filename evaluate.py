@@ -72,5 +72,6 @@ def _main(argv: list[str]) -> int:
     print(f"time split: {format_timing(results)}")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -57,8 +57,8 @@ from cribo.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, che
 from cribo.clustering import joint_space_clustering, object_representations, split_views, valid_objects
 from cribo.config import TrainConfig
 from cribo.data import build_pretraining_dataset
-from cribo.heads import DINOHead
 from cribo.dirswap import TargetError, check_writable
+from cribo.heads import DINOHead
 from cribo.io import atomic_path, write_json
 from cribo.losses import DINOLoss, ObjectLoss, cross_image_loss
 from cribo.precision import resolve_precision

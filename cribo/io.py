@@ -56,7 +56,8 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     removed = []
     for sibling in path.parent.iterdir():
         m = pattern.match(sibling.name)
-        if m and sibling.is_file() and not sibling.is_symlink() and not (m.group("pid") and pid_alive(int(m.group("pid")))):
+        running = m is not None and m.group("pid") is not None and pid_alive(int(m.group("pid")))
+        if m and sibling.is_file() and not sibling.is_symlink() and not running:
             sibling.unlink()
             removed.append(sibling)
     return removed

@@ -23,7 +23,8 @@ def add_backbone_args(p: argparse.ArgumentParser, seed_flag: str) -> None:
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", help="backbone weights file (export, state dict, CrIBo/DINO checkpoint)")
     w.add_argument("--random-init", action="store_true", help=f"freshly initialised --backbone (with {seed_flag})")
-    p.add_argument(seed_flag, dest="init_seed", metavar="SEED", type=non_negative_int, default=0, help="seed of --random-init (default 0)")
+    p.add_argument(seed_flag, dest="init_seed", metavar="SEED", type=non_negative_int, default=0,
+                   help="seed of --random-init (default 0)")
 
 
 def add_extraction_args(p: argparse.ArgumentParser) -> None:
