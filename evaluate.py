@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cribo.backbones import BackboneLoadError
+from cribo.argtypes import positive_int
+from cribo.errors import CliParser, run_cli
+from index.bounds import bound_dataset
 from index.cli import add_backbone_args, add_data_args, add_extraction_args, backbone_from_args
-from index.datasets import DEFAULT_SPLITS, DatasetError, open_dataset
-from index.features import FeatureCacheError
+from index.datasets import DEFAULT_SPLITS, open_dataset
 from index.protocol import LEVELS, VOTES, run_protocol
-from index.report import format_table, format_timing
+from index.report import check_results_target, format_table, format_timing
 from index.store import INDEX_KINDS
 
 
@@ -33,14 +34,14 @@ def _ratios(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
     p.add_argument("--train-split", help="support split (default: train_aug / training / train)")
     p.add_argument("--val-split", help="query split (default: val / validation / val)")
     add_backbone_args(p, "--seed")
     p.add_argument("--ratios", type=_ratios, default=[1, 8, 64, 128], help="support ratios 1/n (default 1,8,64,128)")
-    p.add_argument("--seeds", type=int, default=5, help="runs per ratio > 1, seeds 0..S-1 (default 5)")
-    p.add_argument("--k", type=int, default=50, help="neighbours per query patch (default 50)")
+    p.add_argument("--seeds", type=positive_int, default=5, help="runs per ratio > 1, seeds 0..S-1 (default 5)")
+    p.add_argument("--k", type=positive_int, default=50, help="neighbours per query patch (default 50)")
     p.add_argument("--index", default="flat", choices=sorted(INDEX_KINDS), help="FAISS index kind (default flat = exact)")
     p.add_argument("--vote", default="majority", choices=VOTES, help="label transfer (default majority)")
     p.add_argument("--level", default="patch", choices=LEVELS, help="score patches (paper) or pixels")
@@ -50,21 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success; a user error prints one line ``error: ...`` (exit 2 arguments, 1 data)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     train_split = args.train_split or DEFAULT_SPLITS[args.dataset][0]
     val_split = args.val_split or DEFAULT_SPLITS[args.dataset][1]
-    try:
-        backbone = backbone_from_args(args)
-        train_ds = open_dataset(args.dataset, args.root, train_split)
-        val_ds = open_dataset(args.dataset, args.root, val_split)
-        results = run_protocol(
-            backbone, train_ds, val_ds, ratios=args.ratios, seeds=args.seeds, k=args.k, index_kind=args.index,
-            vote=args.vote, level=args.level, cache_dir=args.cache_dir, device=args.device,
-            precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, out=args.out,
-        )
-    except (DatasetError, BackboneLoadError, FeatureCacheError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_results_target(args.out)  # before any compute: never overwrite what this tool did not write
+    backbone = backbone_from_args(args)
+    train_ds = bound_dataset(open_dataset(args.dataset, args.root, train_split), args.max_side, backbone.patch_size)
+    val_ds = bound_dataset(open_dataset(args.dataset, args.root, val_split), args.max_side, backbone.patch_size)
+    results = run_protocol(
+        backbone, train_ds, val_ds, ratios=args.ratios, seeds=args.seeds, k=args.k, index_kind=args.index,
+        vote=args.vote, level=args.level, cache_dir=args.cache_dir, device=args.device,
+        precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, out=args.out,
+    )
     print(format_table(results))
     print(f"time split: {format_timing(results)}")
     return 0

@@ -20,6 +20,8 @@ from cribo.clustering import CLUSTERING_MODES
 from cribo.config import PRESETS, TrainConfig, config_from_preset
 from cribo.losses import CI_NORMALISATIONS
 from cribo.transforms import AUGMENTATIONS
+from cribo.dirswap import check_output_file
+from cribo.errors import CliParser, UsageError, run_cli
 
 DEFAULTS = TrainConfig.__dataclass_fields__
 
@@ -28,8 +30,8 @@ def _default(name: str) -> str:
     return f"(default: preset value, else {DEFAULTS[name].default})"
 
 
-def build_train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="CrIBo pretraining (ICLR 2024).", epilog=__doc__,
+def build_train_parser() -> CliParser:
+    p = CliParser(description="CrIBo pretraining (ICLR 2024).", epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     req = p.add_argument_group("run")
     req.add_argument("--data", required=True, help="folder of images (recursive), ImageNet/COCO root, or hf:NAME[:SPLIT]")
@@ -114,8 +116,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py export",
+def build_export_parser() -> CliParser:
+    p = CliParser(prog="train.py export",
                                 description="Export the teacher backbone of OUT/checkpoint.pth as "
                                             "OUT/backbone.safetensors + OUT/backbone.json.")
     p.add_argument("--output-dir", required=True, help="the training run's OUT folder")
@@ -125,22 +127,30 @@ def build_export_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_plot_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py plot",
-                                description="Draw OUT/log.jsonl: losses, bootstrapping ratio, kept clusters and "
-                                            "the learning curve (eval mIoU vs images seen).")
+def build_plot_parser() -> CliParser:
+    p = CliParser(prog="train.py plot",
+                  description="Draw OUT/log.jsonl: losses, bootstrapping ratio, kept clusters and "
+                              "the learning curve (eval mIoU vs images seen).")
     p.add_argument("--output-dir", required=True, help="the training run's OUT folder")
     p.add_argument("--out", help="PNG path (default OUT/training_curves.png)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Exit 0 on success; a user error prints one line ``error: ...`` (exit 2 arguments, 1 data)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "export":
         args = build_export_parser().parse_args(argv[1:])
+        from pathlib import Path
+
+        from cribo.backbones import check_export_target
         from cribo.engine import export_teacher
+        check_export_target(args.out or Path(args.output_dir) / "backbone.safetensors")
         info = export_teacher(args.output_dir, args.out, dtype=args.dtype)
-        print(json.dumps({k: info[k] for k in ("arch", "patch_size", "embed_dim", "sha256", "step")}))
+        print(json.dumps({k: info[k] for k in ("arch", "patch_size", "embed_dim", "sha256", "step", "checkpoint")}))
         return 0
     if argv and argv[0] == "plot":
         args = build_plot_parser().parse_args(argv[1:])
@@ -148,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from cribo.report import plot_training_log
         out = args.out or Path(args.output_dir) / "training_curves.png"
+        check_output_file(out, label="--out")
         run = Path(args.output_dir) / "config.json"  # written at the start of the run: the global batch
         batch = json.loads(run.read_text())["global_batch"] if run.is_file() else None
         print(plot_training_log(Path(args.output_dir) / "log.jsonl", out, images_per_step=batch))
@@ -157,13 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     preset, crash_at_step = args.pop("preset"), args.pop("crash_at_step")
     if args["crop_scale"] is not None:
         args["crop_scale"] = tuple(args["crop_scale"])
+    args.pop("debug")  # handled by run_cli
     if args["arch"] is None and not (preset and "arch" in PRESETS[preset].overrides):
         build_train_parser().error("--arch is required (or a --preset that sets it)")
     try:
         config = config_from_preset(preset, **args)
     except ValueError as e:
-        build_train_parser().error(str(e))
-    from cribo.engine import train
+        raise UsageError(str(e)) from e
+    from cribo.engine import check_output_dir, train
+    check_output_dir(config.output_dir)  # before any compute
     summary = train(config, crash_at_step=crash_at_step)
     print(json.dumps(summary))
     return 0

@@ -10,11 +10,12 @@ Importing the package loads nothing (gradio, torch and the models are imported o
 from __future__ import annotations
 
 from app.state import AppConfig, AppState
+from cribo.errors import DataError
 
 __all__ = ["AppConfig", "AppState", "StartupError", "build_app", "launch"]
 
 
-class StartupError(RuntimeError):
+class StartupError(DataError, RuntimeError):
     """The app cannot start (missing weights, unreadable index, ...); the message says why and the fix."""
 
 

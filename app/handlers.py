@@ -30,13 +30,12 @@ __all__ = ["Handlers", "user_errors", "USER_ERRORS", "render_segmentation"]
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from cribo.backbones import BackboneLoadError
-    from index.features import FeatureCacheError
+    from cribo.errors import DataError
 
-    # ValueError covers InputError, DatasetError, IndexLoadError, IncompatibleIndexError and the
-    # library's argument checks (k larger than the index, unknown vote, ...): all carry a message
-    # written for the user.
-    return (ValueError, BackboneLoadError, FeatureCacheError, FileNotFoundError)
+    # DataError is the base of every error the library writes for the user (InputError, DatasetError,
+    # IndexLoadError, BackboneLoadError, FeatureCacheError, ...); ValueError covers the library's
+    # argument checks (k larger than the index, unknown vote, ...).
+    return (ValueError, DataError, FileNotFoundError)
 
 
 USER_ERRORS = _user_error_types()

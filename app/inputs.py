@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cribo.errors import DataError
+
 VOID = 255
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 _MASK_MODES = ("P", "L", "1", "I", "I;16", "I;16L", "I;16B")
@@ -19,7 +21,7 @@ _MASK_MODES = ("P", "L", "1", "I", "I;16", "I;16L", "I;16B")
 __all__ = ["InputError", "LoadedImage", "load_image", "load_mask", "as_path"]
 
 
-class InputError(ValueError):
+class InputError(DataError, ValueError):
     """Bad user input; the message is shown to the user as it is."""
 
 

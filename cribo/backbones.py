@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from cribo import presets
+from cribo.dirswap import TargetError, check_output_file
+from cribo.errors import TORCH_LOAD_ERRORS, TORCH_PROTOCOL_WARNING, DataError
 from cribo.io import atomic_path, write_json
 
 BUILTIN_ARCH = "vit_tiny_patch16_224"
@@ -44,7 +47,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.
 _SHOW = 10  # keys listed per category in error messages
 
 
-class BackboneLoadError(RuntimeError):
+class BackboneLoadError(DataError, RuntimeError):
     """Weights that cannot be loaded into a backbone; the message names the file and the fix."""
 
 
@@ -318,7 +321,8 @@ def _sniff(path: Path) -> str:
 
 def _torch_load(path: Path) -> object:
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=TORCH_PROTOCOL_WARNING)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         blocked = re.search(r"GLOBAL (\S+)", str(err))
@@ -331,7 +335,7 @@ def _torch_load(path: Path) -> object:
             "can run code from the file). In a trusted session, re-save just the weights, e.g. "
             "torch.save(ckpt['teacher'], 'x.pth'), or export them with cribo.backbones.export_backbone"
         ) from err
-    except (RuntimeError, EOFError, ValueError) as err:
+    except TORCH_LOAD_ERRORS as err:  # the rest: random bytes, truncation
         raise BackboneLoadError(f"{path} is a corrupt or truncated torch checkpoint "
                                 f"({_first_line(err)}); download or save it again") from err
 
@@ -450,6 +454,31 @@ def _few(items: list[str]) -> str:
 
 
 # ------------------------------------------------------------------ export
+
+def is_export(path: Path) -> bool:
+    """True when ``path`` is a safetensors file written by :func:`export_backbone` (its header says so)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == EXPORT_FORMAT
+    except (OSError, safetensors.SafetensorError):
+        return False
+
+
+def check_export_target(path: str | os.PathLike, *, label: str = "--out") -> None:
+    """Refuse, before any work, an export ``path`` (or its ``.json``) that would overwrite a file
+    this code did not write, or that is not writable."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise TargetError(f"{label} {path} must end in .safetensors (its .json goes beside it)")
+    check_output_file(path, label=label)
+    sidecar = path.with_suffix(".json")
+    if path.exists() and not is_export(path):
+        raise TargetError(f"{label} {path} exists and is not a backbone exported by this tool; choose another "
+                          f"{label} (nothing was changed)")
+    if sidecar.exists() and not path.exists():
+        raise TargetError(f"{label} {path}: {sidecar} already exists without its export; move it or choose "
+                          f"another {label} (nothing was changed)")
+
 
 def export_backbone(vit: VisionTransformer | Backbone, arch: str, path: str | os.PathLike,
                     meta: dict | None = None, *, dtype: str = "fp32") -> dict:

@@ -4,6 +4,7 @@
 objects), written atomically (a crash mid-write leaves the previous checkpoint intact):
 
     format            "cribo-train-v1"
+    checksum          sha256 of everything else (:func:`content_checksum`), verified on load
     step              number of optimisation steps completed
     identity          TrainConfig.identity(...) of the run (resume refuses another identity)
     config            TrainConfig.to_dict() (resolved: every length in steps)
@@ -16,26 +17,40 @@ objects), written atomically (a crash mid-write leaves the previous checkpoint i
     rng               one entry per rank: torch CPU / CUDA / numpy / python / clustering generator
                       states as tensors and numbers
 
+Integrity: ``OUT/checkpoint.prev.pth`` keeps the predecessor (a hard link made before the new file
+replaces ``checkpoint.pth``, so ``checkpoint.pth`` exists at every instant). :func:`load_latest`
+verifies the checksum and falls back to the predecessor when ``checkpoint.pth`` is damaged, saying
+so; a flipped byte costs ``ckpt_every`` steps, not the run. Temporary files of a killed save
+(``.checkpoint.pth.*.tmp``) are removed by the next save. Save steps are followed by named write
+boundaries (:data:`SAVE_BOUNDARIES`) where the fault-injection tests kill the process.
+
 The data position needs no extra state: the sampler's permutation is a function of (seed, epoch) and
 the per-sample augmentation seed a function of (seed, epoch, index), so ``step`` fixes where to resume.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from cribo.io import atomic_path
+from cribo.errors import TORCH_LOAD_ERRORS, TORCH_PROTOCOL_WARNING, DataError
+from cribo.io import fsync_path, remove_stale_temps
 
 FORMAT = "cribo-train-v1"
 CHECKPOINT_NAME = "checkpoint.pth"
+PREVIOUS_NAME = "checkpoint.prev.pth"
+CHECKSUM_KEY = "checksum"
+SAVE_BOUNDARIES = ("written", "kept-previous", "replaced")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DataError, RuntimeError):
     """A checkpoint that cannot be used: unreadable, of another format, or of another run."""
 
 
@@ -82,26 +97,144 @@ def restore_rng(state: dict[str, Any], device: torch.device, generator: torch.Ge
 # ---------------------------------------------------------------------------------------------------
 # Save / load
 # ---------------------------------------------------------------------------------------------------
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` (plus ``format``) to ``path`` atomically."""
+def content_checksum(state: Any) -> str:
+    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes, every number, string
+    and container, in a canonical order (dict keys sorted), independent of the pickle layout."""
+    h = hashlib.sha256()
+    _feed(h, state)
+    return h.hexdigest()
+
+
+def _feed(h: "hashlib._Hash", v: Any) -> None:
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    elif isinstance(v, dict):
+        h.update(b"D%d" % len(v))
+        for k in sorted(v, key=repr):
+            _feed(h, k)
+            _feed(h, v[k])
+    elif isinstance(v, (list, tuple)):
+        h.update(b"L%d" % len(v) if isinstance(v, list) else b"U%d" % len(v))
+        for x in v:
+            _feed(h, x)
+    elif isinstance(v, str):
+        b = v.encode()
+        h.update(b"S%d:" % len(b) + b)
+    elif isinstance(v, bool) or v is None:
+        h.update(b"B" + repr(v).encode())
+    elif isinstance(v, int):
+        h.update(b"I" + str(v).encode())
+    elif isinstance(v, float):
+        h.update(b"F" + v.hex().encode())
+    else:
+        raise TypeError(f"checkpoint value of type {type(v).__name__} cannot be checksummed; store tensors, "
+                        "numbers, strings, lists and dicts only")
+
+
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where the predecessor of checkpoint ``path`` is kept (``OUT/checkpoint.prev.pth``)."""
+    path = Path(path)
+    return path.with_name(PREVIOUS_NAME if path.name == CHECKPOINT_NAME else f"{path.stem}.prev{path.suffix}")
+
+
+def _no_hook(name: str) -> None:
+    return None
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], *,
+                    on_boundary: Callable[[str], None] = _no_hook) -> None:
+    """Write ``state`` (plus ``format`` and ``checksum``) to ``path`` atomically; keep the file it
+    replaces as :func:`previous_path`. ``on_boundary(name)`` is called after each step
+    (:data:`SAVE_BOUNDARIES`): the fault-injection hook."""
+    path = Path(path)
+    prev = previous_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_checkpoint_temps(path)
     state = {"format": FORMAT, **state}
-    with atomic_path(path) as tmp:
+    state[CHECKSUM_KEY] = content_checksum(state)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}_{os.urandom(4).hex()}.tmp")
+    prev_tmp = prev.with_name(f".{prev.name}.{os.getpid()}_{os.urandom(4).hex()}.tmp")
+    try:
         torch.save(state, tmp)
+        fsync_path(tmp)
+        on_boundary("written")
+        if path.exists():
+            os.link(path, prev_tmp)  # the predecessor, without a moment where path is missing
+            os.replace(prev_tmp, prev)
+            fsync_path(path.parent)
+        on_boundary("kept-previous")
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+        on_boundary("replaced")
+    finally:
+        for t in (tmp, prev_tmp):
+            if t.exists():
+                t.unlink()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a training checkpoint safely (``weights_only=True``) and check its format."""
+    """Read a training checkpoint safely (``weights_only=True``), check its format and its checksum.
+
+    A checkpoint written before checksums existed is accepted with a warning on stderr.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; train first (python train.py ... --output-dir {path.parent})")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # torch's unpickler raises these
-        raise CheckpointError(f"{path}: cannot be read as a training checkpoint ({e}); delete it to start over") from e
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=TORCH_PROTOCOL_WARNING)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except (*TORCH_LOAD_ERRORS, OSError) as e:
+        raise CheckpointError(f"{path}: damaged or not a training checkpoint ({_first_line(e)}); "
+                              f"delete it to use {previous_path(path).name} or to start over") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: format {found!r}, expected {FORMAT!r} (a checkpoint written by cribo.engine)")
+    stored = state.pop(CHECKSUM_KEY, None)
+    if stored is None:
+        print(f"warning: {path} has no checksum (written by an earlier version); its integrity is not verified",
+              file=sys.stderr)
+    elif content_checksum(state) != stored:
+        raise CheckpointError(f"{path}: checksum mismatch, the file is damaged; delete it to use "
+                              f"{previous_path(path).name} or to start over")
     return state
+
+
+def load_latest(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path]:
+    """The newest intact checkpoint: ``path``, else its predecessor (a warning on stderr names the
+    damaged file and the one used). Raises :class:`CheckpointError` when neither is usable."""
+    path = Path(path)
+    prev = previous_path(path)
+    if not path.is_file() and not prev.is_file():
+        return load_checkpoint(path, map_location), path  # the "no such checkpoint" message
+    try:
+        return load_checkpoint(path, map_location), path
+    except CheckpointError as e:
+        if not prev.is_file():
+            raise
+        try:
+            state = load_checkpoint(prev, map_location)
+        except CheckpointError as e_prev:
+            raise CheckpointError(f"both checkpoints are unusable: {e}; and {e_prev}") from e_prev
+        print(f"warning: {e}; using the previous checkpoint {prev} (step {state.get('step')})", file=sys.stderr)
+        return state, prev
+
+
+def remove_stale_checkpoint_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed save of ``path`` (or of its predecessor) left behind."""
+    return remove_stale_temps(path) + remove_stale_temps(previous_path(path))
+
+
+def has_checkpoint(path: str | os.PathLike) -> bool:
+    """True when ``path`` or its predecessor exists (a run to resume)."""
+    return Path(path).is_file() or previous_path(path).is_file()
 
 
 def check_identity(state: dict[str, Any], identity: str, config_dict_diff: list[str], path: str | os.PathLike) -> None:

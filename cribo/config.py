@@ -133,6 +133,11 @@ class TrainConfig:
             raise bad("eval_every", "must be >= 0, and > 0 needs --eval-data (a labelled dataset root)")
         if self.eval_support < 1 or self.eval_queries < 2:
             raise bad("eval_support", f"need --eval-support >= 1 and --eval-queries >= 2 (got {self.eval_queries})")
+        if not 0 <= self.seed < 2**31:
+            raise bad("seed", "must be an integer in [0, 2**31) (set --seed)")
+        for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "must be > 0 (set --" + name.replace("_", "-") + ")")
         if self.precision not in PRECISIONS:
             raise bad("precision", f"choose one of {', '.join(PRECISIONS)}")
         if self.augment not in AUGMENTATIONS:

@@ -43,6 +43,8 @@ from typing import Any, Callable
 from PIL import Image
 from torch.utils.data import Dataset
 
+from cribo.errors import DataError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "CorruptImageError",
@@ -65,11 +67,11 @@ _TRAIN_SPLITS = ("train", "train2017", "training")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class DataSourceError(ValueError):
+class DataSourceError(DataError, ValueError):
     """The pretraining source cannot be used (missing, empty, unknown layout or split, hub offline)."""
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(DataError, RuntimeError):
     """An image file (or dataset row) cannot be decoded; the message names it."""
 
 
@@ -81,7 +83,7 @@ def _decode(opener: Callable[[], Image.Image], what: str) -> Image.Image:
     except _DECODE_ERRORS as exc:
         raise CorruptImageError(
             f"{what}: cannot decode image ({type(exc).__name__}: {exc}). Remove or replace it, or pass "
-            "skip_corrupt=True to skip unreadable images with a warning."
+            "--skip-corrupt (skip_corrupt=True) to skip unreadable images with a warning."
         ) from exc
 
 

@@ -52,11 +52,12 @@ from tqdm import tqdm
 from cribo import dist
 from cribo.backbones import ARCHS, Backbone, create_vit, export_backbone
 from cribo.bank import ObjectMemoryBank
-from cribo.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_identity, load_checkpoint,
-                              restore_rng, save_checkpoint)
+from cribo.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_identity, has_checkpoint,
+                              load_latest, remove_stale_checkpoint_temps, restore_rng, save_checkpoint)
 from cribo.clustering import joint_space_clustering, object_representations, split_views, valid_objects
 from cribo.config import TrainConfig
 from cribo.data import build_pretraining_dataset
+from cribo.dirswap import TargetError, check_writable
 from cribo.heads import DINOHead
 from cribo.io import atomic_path, write_json
 from cribo.losses import DINOLoss, ObjectLoss, cross_image_loss
@@ -614,16 +615,20 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
     _seed_everything(config.seed + rank)
     trainer.cluster_generator.manual_seed(config.seed + rank)
 
-    start = 0
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        check_identity(state, identity, config.identity_diff(state["config"]), ckpt_path)
+    start, resumed_from = 0, None
+    if is_main:
+        remove_stale_checkpoint_temps(ckpt_path)  # left by a run killed mid-save
+    if has_checkpoint(ckpt_path):
+        state, resumed_from = load_latest(ckpt_path)  # checkpoint.pth, or its predecessor if damaged
+        check_identity(state, identity, config.identity_diff(state["config"]), resumed_from)
         trainer.load_state_dict(state)
         if len(state["rng"]) != world:
             raise CheckpointError(f"{ckpt_path} holds RNG states of {len(state['rng'])} processes, this run has {world}")
         restore_rng(state["rng"][rank], device, trainer.cluster_generator)
         start = int(state["step"])
         del state
+        if is_main:
+            print(f"resuming from {resumed_from} (step {start})", file=sys.stderr)
     if is_main:
         truncate_log(log_path, start)
         write_json(out_dir / "config.json", {"identity": identity, "world_size": world, "dataset_len": len(dataset),
@@ -632,7 +637,7 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
     dist.barrier()
 
     summary = {"output_dir": str(out_dir), "identity": identity, "start_step": start, "epoch_steps": epoch_steps,
-               "max_steps": config.max_steps}
+               "max_steps": config.max_steps, "resumed_from": None if resumed_from is None else str(resumed_from)}
     end = config.stop_at if config.stop_at is not None else config.max_steps
     if start >= end:
         summary.update(step=start, stopped=start < config.max_steps)
@@ -754,6 +759,25 @@ def _log_row(trainer: CrIBoTrainer, stats: dict[str, torch.Tensor], step: int, e
     return row
 
 
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """Refuse, before any compute, an ``--output-dir`` that is a file, is not writable, or is a folder
+    of someone else holding files a run writes (log.jsonl, config.json) without being a run folder
+    (one with a checkpoint or a config.json of this code): those files would be overwritten."""
+    out = Path(output_dir)
+    check_writable(out, label="--output-dir")
+    if not out.is_dir() or has_checkpoint(out / CHECKPOINT_NAME):
+        return
+    config = out / "config.json"
+    try:
+        ours = config.is_file() and "identity" in json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        ours = False
+    clash = [n for n in (LOG_NAME, "config.json") if (out / n).exists()]
+    if clash and not ours:
+        raise TargetError(f"--output-dir {out} holds {', '.join(clash)} not written by train.py; choose an "
+                          "empty or new --output-dir (nothing was changed)")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------------
@@ -765,14 +789,18 @@ def export_teacher(output_dir: str | os.PathLike, path: str | os.PathLike | None
     name; it also records the training step, identity and configuration. Returns the json dict.
     """
     output_dir = Path(output_dir)
-    state = load_checkpoint(output_dir / CHECKPOINT_NAME)
+    state, used = load_latest(output_dir / CHECKPOINT_NAME)  # checkpoint.pth, or its predecessor if damaged
     config = TrainConfig.from_dict(state["config"])
     vit = create_vit(config.arch)
     prefix = "backbone."
     backbone_state = {k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)}
+    bad = [k for k, v in backbone_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{used}: the teacher's {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold "
+                              "non-finite values (NaN or inf): the run diverged; nothing was exported")
     vit.load_state_dict(backbone_state)
     path = Path(path) if path is not None else output_dir / "backbone.safetensors"
     meta = {"source": "cribo-train teacher", "step": int(state["step"]), "max_steps": config.max_steps,
             "identity": state["identity"], "img_size": config.img_size, "data": config.data,
-            "train_config": config.to_dict()}
+            "train_config": config.to_dict(), "checkpoint": str(used)}
     return export_backbone(vit, config.arch, path, meta, dtype=dtype)

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cribo.errors import DataError
 from cribo.io import atomic_path
 
 _CHUNK = 1 << 20
 
 
-class PresetDownloadError(RuntimeError):
+class PresetDownloadError(DataError, RuntimeError):
     """A preset checkpoint could not be downloaded (offline, HTTP error, truncated transfer)."""
 
 

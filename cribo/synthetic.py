@@ -25,10 +25,10 @@ Pretrain on ``DIR/images/<split>`` (not on ``DIR``, which also holds the masks).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import multiprocessing
 import re
+import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from cribo.errors import CliParser, run_cli
 from cribo.io import atomic_path, write_text
 
 VOID = 255
@@ -533,8 +534,13 @@ def write_split(out, split: str, num_images: int, seed: int, size: int = REF_SIZ
     return root
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success; a user error prints one line ``error: ...`` (exit 2 arguments, 1 data)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    p = CliParser(prog="python -m cribo.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="dataset root (created; other splits in it are kept)")
     p.add_argument("--num-images", type=int, required=True)
     p.add_argument("--seed", type=int, required=True, help="split seed: image i uses image_seed(seed, i)")
@@ -542,12 +548,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=REF_SIZE, help="image side in pixels")
     p.add_argument("--workers", type=int, default=1, help="processes")
     a = p.parse_args(argv)
-    try:
-        root = write_split(a.out, a.split, a.num_images, a.seed, size=a.size, workers=a.workers)
-    except ValueError as e:  # bad arguments or a conflicting folder: usage and the message, exit status 2
-        p.error(str(e))
+    root = write_split(a.out, a.split, a.num_images, a.seed, size=a.size, workers=a.workers)  # ValueError: exit 2
     print(f"wrote {a.num_images} scenes to {root / 'images' / a.split} and {root / 'masks' / a.split}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cribo.errors import EXIT_USAGE, DataError
+
 __all__ = [
     "DatasetError",
     "SegDataset",
@@ -86,7 +88,7 @@ ADE20K_CLASSES: tuple[str, ...] = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError, ValueError):
     """Bad dataset layout or content; the message names the file and the fix."""
 
 
@@ -314,7 +316,7 @@ class FileSegDataset(SegDataset):
 
 def _require_dir(root: Path) -> Path:
     if not root.exists():
-        raise DatasetError(f"dataset root {root} does not exist: check --root")
+        raise DatasetError(f"dataset root {root} does not exist: check --root", exit_code=EXIT_USAGE)
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} is not a directory: check --root")
     return root

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from cribo.errors import DataError
 from cribo.precision import autocast, resolve_precision
 from index.labels import patch_labels, protocol_size, resize_image, resize_mask
 
@@ -83,7 +84,7 @@ def image_features(backbone: Any, image: np.ndarray, *, device: str | torch.devi
     return tokens.to(torch.float16).float().cpu().numpy(), tuple(out["grid"])
 
 
-class FeatureCacheError(RuntimeError):
+class FeatureCacheError(DataError, RuntimeError):
     """A feature cache directory exists but does not hold what its meta.json says."""
 
 

@@ -33,7 +33,7 @@ def protocol_size(h: int, w: int, p: int) -> tuple[int, int]:
     if h < p or w < p:
         raise ValueError(
             f"image of {h}x{w} (HxW) is smaller than one {p}x{p} patch: "
-            f"remove it from the split or use a smaller patch size"
+            f"use a larger image or a backbone with a smaller patch size"
         )
     return p * (h // p), p * (w // p)
 

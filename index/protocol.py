@@ -44,7 +44,7 @@ from index.features import RESOLUTION_RULE, FeatureSet, extract_features
 from index.labels import patch_class_histograms, resize_mask
 from index.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from index.report import log_event, write_reports
-from index.store import INDEX_KINDS, IndexParams, SupportIndex, select_support
+from index.store import INDEX_KINDS, IndexParams, SupportIndex, check_index_target, select_support
 from index.transfer import SOFT_TEMPERATURE, VOTES, check_k, transfer_labels
 
 __all__ = ["run_protocol", "score_index", "build_support_index", "backbone_meta", "VOTES", "LEVELS",
@@ -87,6 +87,8 @@ def build_support_index(
     indexes them with their labels; metadata records backbone, dataset, split, ratio, seed, image ids,
     class names, patch size and resolution rule. Saved to ``out`` when given.
     """
+    if out is not None:
+        check_index_target(out)  # before any compute: never destroy what this tool did not write
     fs = extract_features(backbone, dataset, cache_dir, precision=precision, device=device,
                           batch_size=batch_size, num_workers=num_workers, progress=progress)
     ids = select_support(fs.ids, ratio, seed)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from cribo.dirswap import TargetError, check_output_file
 from cribo.io import atomic_path, write_json, write_text
 
 __all__ = ["format_table", "format_timing", "write_reports", "report_paths", "chart_ratio", "log_event"]
@@ -29,6 +30,27 @@ def report_paths(out: str | os.PathLike) -> dict[str, Path]:
     out = Path(out)
     return {"json": out, "csv": out.with_suffix(".csv"), "md": out.with_suffix(".md"),
             "png": out.with_name(f"{out.stem}_per_class_iou.png")}
+
+
+def is_results_file(path: Path) -> bool:
+    """True when ``path`` is a results.json this code wrote (a JSON object with ``ratios``)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("ratios"), dict)
+
+
+def check_results_target(out: str | os.PathLike, *, label: str = "--out") -> None:
+    """Refuse, before any compute, an ``out`` whose report files would overwrite files this code did
+    not write (an earlier results.json of this code and its siblings are replaced)."""
+    paths = report_paths(out)
+    check_output_file(paths["json"], label=label)
+    existing = [p for p in paths.values() if p.exists()]
+    if existing and not is_results_file(paths["json"]):
+        raise TargetError(f"{label} {out}: writing the results would overwrite "
+                          f"{', '.join(str(p) for p in existing)}, not written by evaluate.py; choose another "
+                          f"{label} (nothing was changed)")
 
 
 def _sorted_ratios(results: dict) -> list[str]:

@@ -9,8 +9,8 @@ A :class:`SupportIndex` holds ``ntotal`` L2-normalised patch features ``xb (n, D
   trained on a seeded sample, ``nprobe`` lists visited per query.
 - ``hnsw``: ``IndexHNSWSQ`` with fp16 storage, ``M = 32`` links, ``efSearch`` configurable.
 
-On disk an index is one directory (written to a temporary sibling, then renamed, so a failure never
-clobbers a good index)::
+On disk an index is one directory (a symlink to a complete versioned sibling, swapped atomically by
+:mod:`cribo.dirswap`, so a failure or a kill never clobbers a good index)::
 
     DIR/index.faiss   faiss.write_index of the CPU index
     DIR/labels.npy    (ntotal,) int64, saved with allow_pickle=False
@@ -30,8 +30,6 @@ import datetime as _dt
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,11 +37,14 @@ from typing import Any, Callable, Sequence
 import faiss
 import numpy as np
 
+from cribo import dirswap
+from cribo.errors import DataError
 from index.transfer import check_k
 
 INDEX_FILE = "index.faiss"
 LABELS_FILE = "labels.npy"
 META_FILE = "meta.json"
+INDEX_FILES = (INDEX_FILE, LABELS_FILE, META_FILE)
 FORMAT_VERSION = 1
 RESOLUTION_RULE = "floor-to-patch-multiple"
 REQUIRED_META_KEYS = ("format", "kind", "ntotal", "dim", "faiss_version", "created", "params")
@@ -51,11 +52,25 @@ REQUIRED_META_KEYS = ("format", "kind", "ntotal", "dim", "faiss_version", "creat
 _ADD_CHUNK = 65536  # rows converted to float32 and added at a time: bounds the float32 copy
 
 
-class IndexLoadError(ValueError):
+def is_index_dir(directory: Path) -> bool:
+    """True when ``directory/meta.json`` is the metadata of an index this code wrote."""
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and all(key in meta for key in REQUIRED_META_KEYS) and meta["kind"] in INDEX_KINDS
+
+
+def check_index_target(directory: str | os.PathLike, *, label: str = "--out") -> None:
+    """Refuse, before any compute, an output that :meth:`SupportIndex.save` would refuse."""
+    dirswap.check_target(directory, owned=is_index_dir, expected=INDEX_FILES, label=label)
+
+
+class IndexLoadError(DataError, ValueError):
     """A saved support index is missing, corrupt or inconsistent."""
 
 
-class IncompatibleIndexError(ValueError):
+class IncompatibleIndexError(DataError, ValueError):
     """A support index was built with another backbone than the one it is queried with."""
 
 
@@ -228,43 +243,38 @@ class SupportIndex:
         return D, I
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write index.faiss, labels.npy and meta.json to ``directory`` atomically.
+    def save(self, directory: str | os.PathLike, *, label: str = "--out",
+             on_boundary: dirswap.Hook | None = None) -> Path:
+        """Write index.faiss, labels.npy and meta.json to ``directory`` atomically, with no window.
 
-        The files go to a temporary sibling directory first; only when all three are written is it
-        renamed into place (an existing index at ``directory`` is replaced only then).
+        ``directory`` becomes a symlink to a complete versioned sibling (:mod:`cribo.dirswap`); an
+        existing index there is replaced only once the new one is complete and fsynced. Refuses
+        (:class:`cribo.dirswap.TargetError`) an existing file or a directory that is not an index
+        written by this code. ``on_boundary``: the fault-injection hook (see ``dirswap.BOUNDARIES``).
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta)
         meta.update(
             format=FORMAT_VERSION, kind=self.kind, ntotal=self.ntotal, dim=self.dim,
             faiss_version=faiss.__version__, params=asdict(self.params),
             created=meta.get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         )
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-        try:
+
+        def fill(tmp: Path) -> None:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             np.save(tmp / LABELS_FILE, self.labels, allow_pickle=False)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            if directory.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-                old.rmdir()
-                os.rename(directory, old)
-                os.rename(tmp, directory)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+
+        dirswap.publish(directory, fill, owned=is_index_dir, expected=INDEX_FILES, label=label,
+                        on_boundary=on_boundary or (lambda name: None))
         self.meta = meta
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, gpu: bool | None = None) -> "SupportIndex":
-        """Read and validate an index directory written by :meth:`save`."""
-        directory = Path(directory)
+        """Read and validate an index directory written by :meth:`save` (after an interrupted
+        save that left no ``directory``, the newest complete version beside it)."""
+        directory = dirswap.resolve(directory)
         if not directory.is_dir():
             raise IndexLoadError(f"support index directory not found: {directory} "
                                  "(build one with build_index.py --out DIR)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,14 +131,14 @@ def test_interrupted_runs_equal_the_straight_run_bitwise(tmp_path, data_dir, cap
     assert log_rows(straight) == rows
 
 
-def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, data_dir):
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     main = train_main()
     assert main(argv(data_dir, out, "--stop-at", "1")) == 0
-    with pytest.raises(CheckpointError, match=r"belongs to another run .*differing: lr"):
-        main([*argv(data_dir, out), "--lr", "2e-3"])
-    with pytest.raises(CheckpointError, match="differing: max_steps"):
-        main([*argv(data_dir, out), "--max-steps", str(STEPS + 1)])
+    assert main([*argv(data_dir, out), "--lr", "2e-3"]) == 1  # bad state: one line, exit 1
+    assert re.search(r"^error: .*checkpoint.pth belongs to another run .*differing: lr", capsys.readouterr().err, re.M)
+    with pytest.raises(CheckpointError, match="differing: max_steps"):  # --debug: the exception itself
+        main([*argv(data_dir, out), "--max-steps", str(STEPS + 1), "--debug"])
     # what may change: logging, checkpoint cadence, workers
     assert main(argv(data_dir, out, "--stop-at", "2", "--log-every", "2", "--ckpt-every", "5")) == 0
     assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2
@@ -153,3 +154,21 @@ def test_checkpoint_loads_with_weights_only_and_exports(tmp_path, data_dir):
     assert train_main()(["export", "--output-dir", str(out)]) == 0
     info = json.loads((out / "backbone.json").read_text())
     assert info["step"] == 1 and info["arch"] == "vit_tiny_patch16_224"
+
+
+def test_damaged_checkpoint_resumes_from_its_predecessor_and_says_so(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    main = train_main()
+    assert main(argv(data_dir, out, "--stop-at", "1")) == 0
+    assert main(argv(data_dir, out, "--stop-at", "2")) == 0
+    ckpt = out / "checkpoint.pth"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte inside the tensor records
+    ckpt.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(argv(data_dir, out, "--stop-at", "2")) == 0
+    captured = capsys.readouterr()
+    assert f"{ckpt}: " in captured.err and f"resuming from {out / 'checkpoint.prev.pth'} (step 1)" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["start_step"] == 1 and summary["resumed_from"] == str(out / "checkpoint.prev.pth")
+    assert summary["step"] == 2 and torch.load(ckpt, weights_only=True)["step"] == 2  # a good file again
