@@ -20,6 +20,7 @@ from index.features import FeatureCacheError
 from index.protocol import LEVELS, VOTES, run_protocol
 from index.report import format_table, format_timing
 from index.store import INDEX_KINDS
+from index.support_lists import read_support_lists
 
 
 def _ratios(text: str) -> list[int]:
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default="flat", choices=sorted(INDEX_KINDS), help="FAISS index kind (default flat = exact)")
     p.add_argument("--vote", default="majority", choices=VOTES, help="label transfer (default majority)")
     p.add_argument("--level", default="patch", choices=LEVELS, help="score patches (paper) or pixels")
+    p.add_argument("--support-list", metavar="PATH",
+                   help="explicit support ids instead of seeded draws: a text file (one id per line) or a folder "
+                        "of them, one per seed (e.g. open-hummingbird-eval's file_sets/voc/1_div_128); "
+                        "replaces --ratios/--seeds, results name each list")
+    p.add_argument("--allow-missing-ids", action="store_true",
+                   help="drop --support-list ids the support split lacks (recorded) instead of stopping")
     p.add_argument("--out", default="results/results.json", help="results JSON; .csv/.md/.png go beside it")
     add_extraction_args(p)
     return p
@@ -57,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         backbone = backbone_from_args(args)
         train_ds = open_dataset(args.dataset, args.root, train_split)
         val_ds = open_dataset(args.dataset, args.root, val_split)
+        support_lists = None if args.support_list is None else read_support_lists(
+            args.support_list, train_ds.ids, split=train_split, allow_missing=args.allow_missing_ids)
         results = run_protocol(
             backbone, train_ds, val_ds, ratios=args.ratios, seeds=args.seeds, k=args.k, index_kind=args.index,
             vote=args.vote, level=args.level, cache_dir=args.cache_dir, device=args.device,
             precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, out=args.out,
+            support_lists=support_lists,
         )
     except (DatasetError, BackboneLoadError, FeatureCacheError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -45,6 +45,7 @@ from index.labels import patch_class_histograms, resize_mask
 from index.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from index.report import log_event, write_reports
 from index.store import INDEX_KINDS, IndexParams, SupportIndex, select_support
+from index.support_lists import SupportList
 from index.transfer import SOFT_TEMPERATURE, VOTES, check_k, transfer_labels
 
 __all__ = ["run_protocol", "score_index", "build_support_index", "backbone_meta", "VOTES", "LEVELS",
@@ -202,6 +203,7 @@ def run_protocol(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[..., None] | None = log_event,
+    support_lists: Sequence[SupportList] | None = None,
 ) -> dict[str, Any]:
     """Run the retrieval protocol; return (and, with ``out``, write) the results dict.
 
@@ -214,6 +216,9 @@ def run_protocol(
         vote: "majority" | "soft". level: "patch" | "pixel".
         out: results.json path; the CSV, Markdown and PNG reports go next to it.
         log: called as ``log(event, **fields)`` for JSON-lines progress records (None: silent).
+        support_lists: explicit support subsets (:func:`index.support_lists.read_support_lists`); when
+            given they replace ``ratios`` x ``seeds``: one run per list, under the list's ratio and seed,
+            and each ratio entry names its lists (``"support_lists": [names]``).
 
     Returns:
         ``{"ratios": {"8": {"miou": [per seed, %], "mean", "std", "support_ids": [[ids], ...],
@@ -222,6 +227,12 @@ def run_protocol(
         "per_class_iou": {"8": [mean over seeds per class, %]}, "class_names", "timing"}``.
     """
     t_start = time.perf_counter()
+    if support_lists:
+        ratios = sorted({sl.ratio for sl in support_lists})
+        pairs = [(sl.ratio, sl.seed) for sl in support_lists]
+        if len(set(pairs)) != len(pairs):
+            raise ValueError(f"support lists {[sl.name for sl in support_lists]} repeat a (ratio, seed) pair "
+                             f"{pairs}: give each list of one folder its own seed")
     ratios = [int(r) for r in ratios]
     if not ratios or any(r < 1 for r in ratios) or len(set(ratios)) != len(ratios):
         raise ValueError(f"ratios must be distinct integers >= 1, got {ratios}")
@@ -263,7 +274,10 @@ def run_protocol(
     if qrows.size == 0:
         raise ValueError(f"query split {val_ds.split!r} has no labelled patch to score")
 
-    runs = [(r, s) for r in ratios for s in (range(seeds) if r > 1 else [0])]
+    if support_lists:
+        runs = [(sl.ratio, sl.seed, sl) for sl in support_lists]
+    else:
+        runs = [(r, s, None) for r in ratios for s in (range(seeds) if r > 1 else [0])]
     tot = dict(index_build=0.0, search=0.0, vote=0.0, metric=0.0)
     if level == "pixel":
         tot["metric"] += pixel_prep_s
@@ -271,9 +285,13 @@ def run_protocol(
     hist_memo: dict[int, np.ndarray] = {}
     position = {image_id: i for i, image_id in enumerate(fs_tr.ids)}
     bar = tqdm(runs, desc="runs", unit="run", disable=not progress)
-    for r, seed in bar:
+    for r, seed, listed in bar:
         tm = dict(index_build=0.0, search=0.0, vote=0.0, metric=0.0)
-        ids = select_support(fs_tr.ids, r, seed)
+        if listed is None:
+            ids = select_support(fs_tr.ids, r, seed)
+        else:  # the list's ids, in dataset order like select_support's
+            keep = set(listed.ids)
+            ids = [i for i in fs_tr.ids if i in keep]
         images = np.asarray([position[i] for i in ids], dtype=np.int64)
         t0 = time.perf_counter()
         rows = fs_tr.rows_of(images, labelled_only=True)
@@ -305,10 +323,13 @@ def run_protocol(
         e["pixel_accuracy"].append(acc)
         e["per_class_iou"].append(_nan_to_none(iou))
         e["num_support_patches"].append(int(rows.size))
+        if listed is not None:
+            e.setdefault("support_lists", []).append(listed.name)
         for key in tm:
             e["timing"][key] += tm[key]
         bar.set_postfix(ratio=f"1/{r}", seed=seed, miou=f"{miou:.1f}")
-        log("run", ratio=r, seed=seed, miou=round(miou, 3), pixel_accuracy=round(acc, 3),
+        log("run", ratio=r, seed=seed, **({} if listed is None else {"support_list": listed.name}),
+            miou=round(miou, 3), pixel_accuracy=round(acc, 3),
             support_images=len(ids), support_patches=int(rows.size),
             **{f"{key}_s": round(v, 3) for key, v in tm.items()})
     bar.close()
@@ -338,6 +359,7 @@ def run_protocol(
         "patch_size": int(backbone.patch_size), "resolution_rule": RESOLUTION_RULE,
         "precision": fs_tr.meta["precision"], "device": str(device), "std_ddof": 0,
         "feature_caches": [str(fs_tr.path), str(fs_va.path)],
+        "support_lists": [sl.describe() for sl in support_lists] if support_lists else None,
         "timing": {"forward": forward_s, "forward_cached": bool(fs_tr.meta["cached"] and fs_va.meta["cached"]),
                    "extract": extract_s, **tot, "total": time.perf_counter() - t_start},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
