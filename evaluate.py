@@ -15,6 +15,8 @@ import sys
 
 from cribo.backbones import BackboneLoadError
 from index.cli import add_backbone_args, add_data_args, add_extraction_args, backbone_from_args
+from index.cli import add_protocol_args, hbird_options_from_args
+from index.hbird import run_hbird
 from index.datasets import DEFAULT_SPLITS, DatasetError, open_dataset
 from index.features import FeatureCacheError
 from index.protocol import LEVELS, VOTES, run_protocol
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_args(p, "--seed")
     p.add_argument("--ratios", type=_ratios, default=[1, 8, 64, 128], help="support ratios 1/n (default 1,8,64,128)")
     p.add_argument("--seeds", type=int, default=5, help="runs per ratio > 1, seeds 0..S-1 (default 5)")
-    p.add_argument("--k", type=int, default=50, help="neighbours per query patch (default 50)")
+    p.add_argument("--k", type=int, help="neighbours per query patch (default 50; 30 with --protocol hbird)")
     p.add_argument("--index", default="flat", choices=sorted(INDEX_KINDS), help="FAISS index kind (default flat = exact)")
     p.add_argument("--vote", default="majority", choices=VOTES, help="label transfer (default majority)")
     p.add_argument("--level", default="patch", choices=LEVELS, help="score patches (paper) or pixels")
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop --support-list ids the support split lacks (recorded) instead of stopping")
     p.add_argument("--out", default="results/results.json", help="results JSON; .csv/.md/.png go beside it")
     add_extraction_args(p)
+    add_protocol_args(p)
     return p
 
 
@@ -66,12 +69,23 @@ def main(argv: list[str] | None = None) -> int:
         val_ds = open_dataset(args.dataset, args.root, val_split)
         support_lists = None if args.support_list is None else read_support_lists(
             args.support_list, train_ds.ids, split=train_split, allow_missing=args.allow_missing_ids)
-        results = run_protocol(
-            backbone, train_ds, val_ds, ratios=args.ratios, seeds=args.seeds, k=args.k, index_kind=args.index,
-            vote=args.vote, level=args.level, cache_dir=args.cache_dir, device=args.device,
-            precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, out=args.out,
-            support_lists=support_lists,
-        )
+        hbird = hbird_options_from_args(args)
+        if hbird is not None:
+            if (args.vote, args.level) != ("majority", "patch"):
+                raise ValueError("--vote/--level belong to the cribo protocol: --protocol hbird always takes the "
+                                 "soft vote and scores upsampled pixels (docs/protocols.md)")
+            results = run_hbird(
+                backbone, train_ds, val_ds, options=hbird, ratios=args.ratios, seeds=args.seeds,
+                support_lists=support_lists, k=30 if args.k is None else args.k, index_kind=args.index,
+                metric=args.metric, score_classes=args.score_classes or "all", device=args.device,
+                precision=args.precision, batch_size=args.batch_size, out=args.out)
+        else:
+            results = run_protocol(
+                backbone, train_ds, val_ds, ratios=args.ratios, seeds=args.seeds, k=50 if args.k is None else args.k,
+                index_kind=args.index, vote=args.vote, level=args.level, cache_dir=args.cache_dir, device=args.device,
+                precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, out=args.out,
+                support_lists=support_lists, metric=args.metric, score_classes=args.score_classes or "present",
+            )
     except (DatasetError, BackboneLoadError, FeatureCacheError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

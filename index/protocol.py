@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from index.features import RESOLUTION_RULE, FeatureSet, extract_features
 from index.labels import patch_class_histograms, resize_mask
-from index.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from index.matching import METRICS, match_confusion
+from index.metrics import SCORED_CLASSES, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from index.report import log_event, write_reports
 from index.store import INDEX_KINDS, IndexParams, SupportIndex, select_support
 from index.support_lists import SupportList
@@ -159,6 +160,32 @@ def _percent(x: float) -> float:
     return 100.0 * float(x)
 
 
+def score_confusion(conf: np.ndarray, metric: str = "identity",
+                    score_classes: str = "present") -> tuple[float, float, np.ndarray]:
+    """``(mIoU %, pixel accuracy %, per-class IoU % (C,) with NaN for empty unions)`` of ``conf (C, C)``
+    after the ``metric``'s matching (:mod:`index.matching`), the mean over ``score_classes``."""
+    conf, _ = match_confusion(conf, metric)
+    return (_percent(mean_iou(conf, score_classes)), _percent(pixel_accuracy(conf)),
+            100.0 * iou_per_class(conf))
+
+
+def summarise_ratios(per_ratio: dict[str, dict[str, Any]], num_classes: int) -> dict[str, list[float | None]]:
+    """Adds ``mean``, ``std`` (ddof 0) and ``pixel_accuracy_mean`` to every ratio entry of ``per_ratio``;
+    returns the per-class IoU averaged over each ratio's seeds (NaN-aware, None where never present)."""
+    per_class_mean: dict[str, list[float | None]] = {}
+    for key, e in per_ratio.items():
+        e["mean"] = float(np.mean(e["miou"]))
+        e["std"] = float(np.std(e["miou"]))  # population std (ddof = 0), see the module docstring
+        e["pixel_accuracy_mean"] = float(np.mean(e["pixel_accuracy"]))
+        table = np.array([[np.nan if v is None else v for v in row] for row in e["per_class_iou"]])
+        present = ~np.isnan(table)
+        sums = np.where(present, table, 0.0).sum(axis=0)
+        n_present = present.sum(axis=0)
+        per_class_mean[key] = _nan_to_none(np.divide(sums, n_present, out=np.full(num_classes, np.nan),
+                                                     where=n_present > 0))
+    return per_class_mean
+
+
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
     return [None if np.isnan(v) else float(v) for v in values]
 
@@ -183,6 +210,33 @@ def _predict(index: SupportIndex, features: np.ndarray, rows: np.ndarray, k: int
     return pred, search_s, vote_s
 
 
+def plan_runs(ratios: Sequence[int], seeds: int,
+              support_lists: Sequence[SupportList] | None = None) -> list[tuple[int, int, SupportList | None]]:
+    """``[(ratio, seed, list or None)]``: every ratio ``n > 1`` with seeds ``0..seeds-1`` and ratio 1
+    once, or one run per support list (under its ratio and seed) when lists are given."""
+    if support_lists:
+        pairs = [(sl.ratio, sl.seed) for sl in support_lists]
+        if len(set(pairs)) != len(pairs):
+            raise ValueError(f"support lists {[sl.name for sl in support_lists]} repeat a (ratio, seed) pair "
+                             f"{pairs}: give each list of one folder its own seed")
+        return [(sl.ratio, sl.seed, sl) for sl in support_lists]
+    ratios = [int(r) for r in ratios]
+    if not ratios or any(r < 1 for r in ratios) or len(set(ratios)) != len(ratios):
+        raise ValueError(f"ratios must be distinct integers >= 1, got {ratios}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    return [(r, s, None) for r in ratios for s in (range(seeds) if r > 1 else [0])]
+
+
+def run_support_ids(split_ids: Sequence[str], ratio: int, seed: int, listed: SupportList | None) -> list[str]:
+    """The support ids of one run: the seeded draw (:func:`select_support`), or the list's ids in
+    dataset order."""
+    if listed is None:
+        return select_support(split_ids, ratio, seed)
+    keep = set(listed.ids)
+    return [i for i in split_ids if i in keep]
+
+
 def run_protocol(
     backbone: Any,
     train_ds: Any,
@@ -204,6 +258,8 @@ def run_protocol(
     progress: bool = True,
     log: Callable[..., None] | None = log_event,
     support_lists: Sequence[SupportList] | None = None,
+    metric: str = "identity",
+    score_classes: str = "present",
 ) -> dict[str, Any]:
     """Run the retrieval protocol; return (and, with ``out``, write) the results dict.
 
@@ -219,6 +275,9 @@ def run_protocol(
         support_lists: explicit support subsets (:func:`index.support_lists.read_support_lists`); when
             given they replace ``ratios`` x ``seeds``: one run per list, under the list's ratio and seed,
             and each ratio entry names its lists (``"support_lists": [names]``).
+        metric: "identity" (predictions scored as they are) or "hungarian" (open-hummingbird-eval's
+            one-to-one matching of predicted to ground-truth classes first, :mod:`index.matching`).
+        score_classes: "present" (mean over classes with a non-zero union) or "all" (over all C).
 
     Returns:
         ``{"ratios": {"8": {"miou": [per seed, %], "mean", "std", "support_ids": [[ids], ...],
@@ -227,23 +286,17 @@ def run_protocol(
         "per_class_iou": {"8": [mean over seeds per class, %]}, "class_names", "timing"}``.
     """
     t_start = time.perf_counter()
-    if support_lists:
-        ratios = sorted({sl.ratio for sl in support_lists})
-        pairs = [(sl.ratio, sl.seed) for sl in support_lists]
-        if len(set(pairs)) != len(pairs):
-            raise ValueError(f"support lists {[sl.name for sl in support_lists]} repeat a (ratio, seed) pair "
-                             f"{pairs}: give each list of one folder its own seed")
-    ratios = [int(r) for r in ratios]
-    if not ratios or any(r < 1 for r in ratios) or len(set(ratios)) != len(ratios):
-        raise ValueError(f"ratios must be distinct integers >= 1, got {ratios}")
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    runs = plan_runs(ratios, seeds, support_lists)
     if vote not in VOTES:
         raise ValueError(f"unknown vote {vote!r}: choose one of {VOTES}")
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}: choose one of {LEVELS}")
     if index_kind not in INDEX_KINDS:
         raise ValueError(f"unknown index kind {index_kind!r}: choose one of {sorted(INDEX_KINDS)}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: choose one of {METRICS}")
+    if score_classes not in SCORED_CLASSES:
+        raise ValueError(f"unknown score_classes {score_classes!r}: choose one of {SCORED_CLASSES}")
     check_k(k, np.iinfo(np.int64).max)
     if list(train_ds.class_names) != list(val_ds.class_names):
         raise ValueError(f"support split {train_ds.split!r} and query split {val_ds.split!r} have different "
@@ -274,10 +327,6 @@ def run_protocol(
     if qrows.size == 0:
         raise ValueError(f"query split {val_ds.split!r} has no labelled patch to score")
 
-    if support_lists:
-        runs = [(sl.ratio, sl.seed, sl) for sl in support_lists]
-    else:
-        runs = [(r, s, None) for r in ratios for s in (range(seeds) if r > 1 else [0])]
     tot = dict(index_build=0.0, search=0.0, vote=0.0, metric=0.0)
     if level == "pixel":
         tot["metric"] += pixel_prep_s
@@ -287,11 +336,7 @@ def run_protocol(
     bar = tqdm(runs, desc="runs", unit="run", disable=not progress)
     for r, seed, listed in bar:
         tm = dict(index_build=0.0, search=0.0, vote=0.0, metric=0.0)
-        if listed is None:
-            ids = select_support(fs_tr.ids, r, seed)
-        else:  # the list's ids, in dataset order like select_support's
-            keep = set(listed.ids)
-            ids = [i for i in fs_tr.ids if i in keep]
+        ids = run_support_ids(fs_tr.ids, r, seed, listed)
         images = np.asarray([position[i] for i in ids], dtype=np.int64)
         t0 = time.perf_counter()
         rows = fs_tr.rows_of(images, labelled_only=True)
@@ -307,9 +352,7 @@ def run_protocol(
         else:
             prow, pgt, pcount = pairs
             conf = np.bincount(pgt * C + pred[prow], weights=pcount, minlength=C * C).reshape(C, C).astype(np.int64)
-        miou = _percent(mean_iou(conf))
-        acc = _percent(pixel_accuracy(conf))
-        iou = 100.0 * iou_per_class(conf)
+        miou, acc, iou = score_confusion(conf, metric, score_classes)
         tm["metric"] += time.perf_counter() - t0
         for key in tot:
             tot[key] += tm[key]
@@ -334,16 +377,7 @@ def run_protocol(
             **{f"{key}_s": round(v, 3) for key, v in tm.items()})
     bar.close()
 
-    per_class_mean: dict[str, list[float | None]] = {}
-    for key, e in per_ratio.items():
-        e["mean"] = float(np.mean(e["miou"]))
-        e["std"] = float(np.std(e["miou"]))  # population std (ddof = 0), see the module docstring
-        e["pixel_accuracy_mean"] = float(np.mean(e["pixel_accuracy"]))
-        table = np.array([[np.nan if v is None else v for v in row] for row in e["per_class_iou"]])
-        present = ~np.isnan(table)
-        sums = np.where(present, table, 0.0).sum(axis=0)
-        n_present = present.sum(axis=0)
-        per_class_mean[key] = _nan_to_none(np.divide(sums, n_present, out=np.full(C, np.nan), where=n_present > 0))
+    per_class_mean = summarise_ratios(per_ratio, C)
 
     results = {
         "ratios": per_ratio,
@@ -353,7 +387,8 @@ def run_protocol(
                     "num_train_images": len(train_ds.ids), "num_val_images": len(val_ds.ids),
                     "train_fingerprint": train_ds.fingerprint(), "val_fingerprint": val_ds.fingerprint()},
         "k": int(k), "index": index_kind, "index_params": asdict(index_params or IndexParams()),
-        "vote": vote, "level": level, "class_names": list(train_ds.class_names),
+        "vote": vote, "level": level, "protocol": "cribo", "metric": metric, "score_classes": score_classes,
+        "class_names": list(train_ds.class_names),
         "per_class_iou": per_class_mean, "num_query_patches": int(qrows.size),
         "num_train_patches": fs_tr.num_patches, "num_val_patches": fs_va.num_patches,
         "patch_size": int(backbone.patch_size), "resolution_rule": RESOLUTION_RULE,

@@ -57,9 +57,18 @@ def format_table(results: dict) -> str:
 
 
 def format_timing(results: dict) -> str:
+    """One line: where the time went, each phase with its share of ``total`` (``memory``: the Hummingbird
+    memory's decoding and augmentation beside its forward)."""
     t = results.get("timing", {})
-    keys = [k for k in ("forward", "search", "vote", "metric", "index_build", "total") if k in t]
-    return ", ".join(f"{k} {t[k]:.1f} s" for k in keys)
+    keys = [k for k in ("forward", "memory", "search", "vote", "metric", "index_build") if k in t]
+    total = t.get("total")
+    def share(k: str) -> str:
+        if k == "forward" and t.get("forward_cached"):
+            return " (cached: spent in an earlier run)"
+        return f" ({100 * t[k] / total:.0f} %)" if total else ""
+
+    line = ", ".join(f"{k} {t[k]:.1f} s{share(k)}" for k in keys)
+    return line + (f", total {total:.1f} s" if total is not None else "")
 
 
 def _csv_text(results: dict) -> str:
