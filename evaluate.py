@@ -21,7 +21,7 @@ from index.datasets import DEFAULT_SPLITS, DatasetError, open_dataset
 from index.features import FeatureCacheError
 from index.protocol import LEVELS, VOTES, run_protocol
 from index.report import format_table, format_timing
-from index.store import INDEX_KINDS
+from index.torch_search import SEARCH_KINDS
 from index.support_lists import read_support_lists
 
 
@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=_ratios, default=[1, 8, 64, 128], help="support ratios 1/n (default 1,8,64,128)")
     p.add_argument("--seeds", type=int, default=5, help="runs per ratio > 1, seeds 0..S-1 (default 5)")
     p.add_argument("--k", type=int, help="neighbours per query patch (default 50; 30 with --protocol hbird)")
-    p.add_argument("--index", default="flat", choices=sorted(INDEX_KINDS), help="FAISS index kind (default flat = exact)")
+    p.add_argument("--index", default="flat", choices=SEARCH_KINDS,
+                   help="FAISS index kind (default flat = exact), or torch: exact search in plain torch on --device "
+                        "(chunked matmul + top-k; for a GPU without faiss-gpu)")
     p.add_argument("--vote", default="majority", choices=VOTES, help="label transfer (default majority)")
     p.add_argument("--level", default="patch", choices=LEVELS, help="score patches (paper) or pixels")
     p.add_argument("--support-list", metavar="PATH",

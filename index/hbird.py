@@ -50,6 +50,7 @@ from index.protocol import backbone_meta, plan_runs, run_support_ids, score_conf
 from index.report import log_event, write_reports
 from index.store import IndexParams, SupportIndex
 from index.support_lists import SupportList
+from index.torch_search import TorchExactIndex, build_search_index
 from index.transfer import SOFT_TEMPERATURE, check_k, soft_vote
 
 __all__ = ["HbirdOptions", "HBIRD_STD", "AUGMENTS", "random_resized_crop_box", "memory_view",
@@ -264,7 +265,7 @@ def query_set(backbone: Any, dataset: Any, options: HbirdOptions, *, device: tor
     return QuerySet(feats, masks, s, forward_s)
 
 
-def score_queries(index: SupportIndex, memory_dists: np.ndarray, queries: QuerySet, k: int, options: HbirdOptions,
+def score_queries(index: SupportIndex | TorchExactIndex, memory_dists: np.ndarray, queries: QuerySet, k: int, options: HbirdOptions,
                   num_classes: int, void: int, *, images_per_chunk: int = 64,
                   progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """Pixel confusion ``(C, C)`` int64 of the queries against ``index`` and the time split
@@ -300,9 +301,11 @@ def score_queries(index: SupportIndex, memory_dists: np.ndarray, queries: QueryS
     return conf.reshape(C, C), tm
 
 
-def memory_index(feats: np.ndarray, dists: np.ndarray, kind: str, params: IndexParams) -> SupportIndex:
-    """A :class:`SupportIndex` over the memory; its labels are the distributions' argmax (for the record)."""
-    return SupportIndex.build(feats, dists.argmax(axis=1), kind, params=params)
+def memory_index(feats: np.ndarray, dists: np.ndarray, kind: str, params: IndexParams,
+                 device: torch.device) -> SupportIndex | TorchExactIndex:
+    """The search index over the memory (:func:`index.torch_search.build_search_index`); its labels are
+    the distributions' argmax (for the record: the vote reads the distributions)."""
+    return build_search_index(feats, dists.argmax(axis=1), kind, params=params, device=device)
 
 
 def run_hbird(
@@ -368,7 +371,7 @@ def run_hbird(
                                                    device=device, precision=resolved, batch_size=batch_size,
                                                    progress=progress)
         t1 = time.perf_counter()
-        index = memory_index(feats, dists, index_kind, index_params or IndexParams(seed=seed))
+        index = memory_index(feats, dists, index_kind, index_params or IndexParams(seed=seed), device)
         check_k(k, index.ntotal)
         t2 = time.perf_counter()
         conf, tm = score_queries(index, dists, queries, k, options, C, val_ds.void)

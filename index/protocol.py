@@ -45,8 +45,9 @@ from index.labels import patch_class_histograms, resize_mask
 from index.matching import METRICS, match_confusion
 from index.metrics import SCORED_CLASSES, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from index.report import log_event, write_reports
-from index.store import INDEX_KINDS, IndexParams, SupportIndex, select_support
+from index.store import IndexParams, SupportIndex, select_support
 from index.support_lists import SupportList
+from index.torch_search import SEARCH_KINDS, build_search_index
 from index.transfer import SOFT_TEMPERATURE, VOTES, check_k, transfer_labels
 
 __all__ = ["run_protocol", "score_index", "build_support_index", "backbone_meta", "VOTES", "LEVELS",
@@ -268,7 +269,7 @@ def run_protocol(
         train_ds, val_ds: support and query :class:`index.datasets.SegDataset` with the same classes.
         ratios: support ratios ``n`` (1/n of the support images). seeds: runs per ratio ``n > 1``
             (seeds ``0..seeds-1``); ratio 1 runs once with seed 0.
-        k: neighbours per query patch. index_kind: a key of :data:`index.store.INDEX_KINDS`.
+        k: neighbours per query patch. index_kind: one of :data:`index.torch_search.SEARCH_KINDS`.
         vote: "majority" | "soft". level: "patch" | "pixel".
         out: results.json path; the CSV, Markdown and PNG reports go next to it.
         log: called as ``log(event, **fields)`` for JSON-lines progress records (None: silent).
@@ -291,8 +292,8 @@ def run_protocol(
         raise ValueError(f"unknown vote {vote!r}: choose one of {VOTES}")
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}: choose one of {LEVELS}")
-    if index_kind not in INDEX_KINDS:
-        raise ValueError(f"unknown index kind {index_kind!r}: choose one of {sorted(INDEX_KINDS)}")
+    if index_kind not in SEARCH_KINDS:
+        raise ValueError(f"unknown index kind {index_kind!r}: choose one of {SEARCH_KINDS}")
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: choose one of {METRICS}")
     if score_classes not in SCORED_CLASSES:
@@ -341,7 +342,8 @@ def run_protocol(
         t0 = time.perf_counter()
         rows = fs_tr.rows_of(images, labelled_only=True)
         params = index_params or IndexParams(seed=seed)
-        index = SupportIndex.build(fs_tr.features[rows], fs_tr.labels[rows], index_kind, params=params)
+        index = build_search_index(fs_tr.features[rows], fs_tr.labels[rows], index_kind, params=params,
+                                   device=device)
         hist = _support_histograms(train_ds, fs_tr, images, C, hist_memo) if vote == "soft" else None
         tm["index_build"] += time.perf_counter() - t0
         check_k(k, index.ntotal)
