@@ -386,6 +386,8 @@ def run_hbird(
                                           "per_class_iou": [], "num_support_images": len(ids),
                                           "num_support_patches": [], "timing": dict.fromkeys(tot, 0.0)})
         e["miou"].append(miou)
+        if metric != "identity":  # the unmatched score beside it, for comparison
+            e.setdefault("miou_identity", []).append(score_confusion(conf, "identity", score_classes)[0])
         e["seeds"].append(seed)
         e["support_ids"].append(ids)
         e["pixel_accuracy"].append(acc)

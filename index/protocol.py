@@ -363,6 +363,8 @@ def run_protocol(
                                           "per_class_iou": [], "num_support_images": len(ids),
                                           "num_support_patches": [], "timing": dict.fromkeys(tm, 0.0)})
         e["miou"].append(miou)
+        if metric != "identity":  # the unmatched score beside it, for comparison
+            e.setdefault("miou_identity", []).append(score_confusion(conf, "identity", score_classes)[0])
         e["seeds"].append(seed)
         e["support_ids"].append(ids)
         e["pixel_accuracy"].append(acc)

@@ -166,3 +166,4 @@ def test_cli_hbird_flags_and_errors(setup, tmp_path, capsys):
     res = json.loads((tmp_path / "results.json").read_text())
     assert (res["k"], res["metric"], res["hbird"]["input_size"]) == (30, "hungarian", 64)
     assert "time split: forward" in capsys.readouterr().out
+    assert res["ratios"]["2"]["miou_identity"][0] <= res["ratios"]["2"]["miou"][0]
