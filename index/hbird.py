@@ -374,7 +374,12 @@ def run_hbird(
         index = memory_index(feats, dists, index_kind, index_params or IndexParams(seed=seed), device)
         check_k(k, index.ntotal)
         t2 = time.perf_counter()
-        conf, tm = score_queries(index, dists, queries, k, options, C, val_ds.void)
+        qbar = tqdm(total=len(val_ds.ids), desc=f"hbird search 1/{r} seed {seed}", unit="img", leave=False,
+                    disable=not progress)
+        conf, tm = score_queries(index, dists, queries, k, options, C, val_ds.void,
+                                 progress=lambda done: qbar.update(done - qbar.n))
+        qbar.update(len(val_ds.ids) - qbar.n)
+        qbar.close()
         t3 = time.perf_counter()
         miou, acc, iou = score_confusion(conf, metric, score_classes)
         tm["metric"] += time.perf_counter() - t3

@@ -347,7 +347,12 @@ def run_protocol(
         hist = _support_histograms(train_ds, fs_tr, images, C, hist_memo) if vote == "soft" else None
         tm["index_build"] += time.perf_counter() - t0
         check_k(k, index.ntotal)
-        pred, tm["search"], tm["vote"] = _predict(index, fs_va.features, qrows, k, C, vote, hist)
+        qbar = tqdm(total=int(qrows.size), desc=f"search 1/{r} seed {seed}", unit="patch", unit_scale=True,
+                    leave=False, disable=not progress)  # the long phase of a run: its own rate and ETA
+        pred, tm["search"], tm["vote"] = _predict(index, fs_va.features, qrows, k, C, vote, hist,
+                                                  progress=lambda done: qbar.update(done - qbar.n))
+        qbar.update(qrows.size - qbar.n)
+        qbar.close()
         t0 = time.perf_counter()
         if pairs is None:
             conf = confusion_matrix(pred, gt, C)
