@@ -118,3 +118,15 @@ def test_pos_embed_without_prefix_positions_is_resampled(tmp_path):
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(BackboneLoadError, match=r"missing \(1\): reg_token"):
         load_backbone("vit_small_patch14_reg4_dinov2", tmp_path / "broken.pth")
+
+
+def test_pretrained_tags_of_any_vit_reach_the_hub(monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", no_hub)
+    with pytest.raises(BackboneLoadError, match=r"could not fetch timm pretrained weights "
+                                                r"'vit_small_patch14_reg4_dinov2\.lvd142m'.*Offline\?"):
+        load_backbone("vit_small_patch14_reg4_dinov2.lvd142m")
+    with pytest.raises(ValueError, match="'resnet18' is a timm ResNet"):
+        load_backbone("resnet18.a1_in1k")
