@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cribo import dist
 from cribo.backbones import BackboneLoadError
 from index.cli import add_backbone_args, add_data_args, add_extraction_args, backbone_from_args
 from index.cli import add_protocol_args, hbird_options_from_args
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     train_split = args.train_split or DEFAULT_SPLITS[args.dataset][0]
     val_split = args.val_split or DEFAULT_SPLITS[args.dataset][1]
+    main_rank = True
     try:
+        rank, _, device = dist.init_distributed(args.device)  # torchrun: one process per rank (index.sharded)
+        args.device, main_rank = str(device), rank == 0
         backbone = backbone_from_args(args)
         train_ds = open_dataset(args.dataset, args.root, train_split)
         val_ds = open_dataset(args.dataset, args.root, val_split)
@@ -91,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, BackboneLoadError, FeatureCacheError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(results))
-    print(f"time split: {format_timing(results)}")
+    finally:
+        dist.destroy()
+    if main_rank:
+        print(format_table(results))
+        print(f"time split: {format_timing(results)}")
     return 0
 
 

@@ -41,6 +41,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cribo import dist
 from cribo.precision import autocast, resolve_precision
 from index.features import IMAGENET_MEAN, IMAGENET_STD
 from index.labels import patch_class_histograms
@@ -338,6 +339,9 @@ def run_hbird(
     t_start = time.perf_counter()
     device = torch.device(device)
     options.check(int(backbone.patch_size))
+    if dist.world_size() > 1:
+        raise ValueError("--protocol hbird runs in one process: its memory is rebuilt per run; launch it with python, "
+                         "not torchrun (the cribo protocol shards over ranks)")
     runs = plan_runs(ratios, seeds, support_lists)
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: choose one of {METRICS}")

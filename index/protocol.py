@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cribo import dist
 from index.features import RESOLUTION_RULE, FeatureSet, extract_features
 from index.labels import patch_class_histograms, resize_mask
 from index.matching import METRICS, match_confusion
@@ -47,6 +48,7 @@ from index.metrics import SCORED_CLASSES, confusion_matrix, iou_per_class, mean_
 from index.report import log_event, write_reports
 from index.store import IndexParams, SupportIndex, select_support
 from index.support_lists import SupportList
+from index.sharded import ShardedIndex
 from index.torch_search import SEARCH_KINDS, build_search_index
 from index.transfer import SOFT_TEMPERATURE, VOTES, check_k, transfer_labels
 
@@ -302,6 +304,8 @@ def run_protocol(
     if list(train_ds.class_names) != list(val_ds.class_names):
         raise ValueError(f"support split {train_ds.split!r} and query split {val_ds.split!r} have different "
                          "class names: both must come from the same dataset")
+    if not dist.is_main():  # under torchrun every rank computes, rank 0 reports
+        progress, log, out = False, None, None
     log = log or (lambda event, **fields: None)
     C = len(train_ds.class_names)
     extract_kw = dict(precision=precision, device=device, batch_size=batch_size, num_workers=num_workers,
@@ -342,8 +346,11 @@ def run_protocol(
         t0 = time.perf_counter()
         rows = fs_tr.rows_of(images, labelled_only=True)
         params = index_params or IndexParams(seed=seed)
-        index = build_search_index(fs_tr.features[rows], fs_tr.labels[rows], index_kind, params=params,
-                                   device=device)
+        if dist.world_size() > 1:  # torchrun: this rank indexes its shard, results merged (index.sharded)
+            index = ShardedIndex(fs_tr.features, rows, fs_tr.labels[rows], index_kind, params=params, device=device)
+        else:
+            index = build_search_index(fs_tr.features[rows], fs_tr.labels[rows], index_kind, params=params,
+                                       device=device)
         hist = _support_histograms(train_ds, fs_tr, images, C, hist_memo) if vote == "soft" else None
         tm["index_build"] += time.perf_counter() - t0
         check_k(k, index.ntotal)
@@ -402,7 +409,7 @@ def run_protocol(
         "num_train_patches": fs_tr.num_patches, "num_val_patches": fs_va.num_patches,
         "patch_size": int(backbone.patch_size), "resolution_rule": RESOLUTION_RULE,
         "precision": fs_tr.meta["precision"], "device": str(device), "std_ddof": 0,
-        "feature_caches": [str(fs_tr.path), str(fs_va.path)],
+        "world_size": dist.world_size(), "feature_caches": [str(fs_tr.path), str(fs_va.path)],
         "support_lists": [sl.describe() for sl in support_lists] if support_lists else None,
         "timing": {"forward": forward_s, "forward_cached": bool(fs_tr.meta["cached"] and fs_va.meta["cached"]),
                    "extract": extract_s, **tot, "total": time.perf_counter() - t_start},
