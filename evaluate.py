@@ -22,7 +22,7 @@ from index.datasets import DEFAULT_SPLITS, DatasetError, open_dataset
 from index.features import FeatureCacheError
 from index.protocol import LEVELS, VOTES, run_protocol
 from index.report import format_table, format_timing
-from index.torch_search import SEARCH_KINDS
+from index.search import SEARCH_KINDS
 from index.support_lists import read_support_lists
 
 
@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5, help="runs per ratio > 1, seeds 0..S-1 (default 5)")
     p.add_argument("--k", type=int, help="neighbours per query patch (default 50; 30 with --protocol hbird)")
     p.add_argument("--index", default="flat", choices=SEARCH_KINDS,
-                   help="FAISS index kind (default flat = exact), or torch: exact search in plain torch on --device "
-                        "(chunked matmul + top-k; for a GPU without faiss-gpu)")
+                   help="FAISS index kind (default flat = exact); ivfpq: IVF-PQ codes in RAM with exact re-ranking "
+                        "from the memory-mapped features (full-scale support sets); torch: exact search in plain "
+                        "torch on --device (chunked matmul + top-k; for a GPU without faiss-gpu)")
     p.add_argument("--vote", default="majority", choices=VOTES, help="label transfer (default majority)")
     p.add_argument("--level", default="patch", choices=LEVELS, help="score patches (paper) or pixels")
     p.add_argument("--support-list", metavar="PATH",

@@ -51,7 +51,8 @@ from index.protocol import backbone_meta, plan_runs, run_support_ids, score_conf
 from index.report import log_event, write_reports
 from index.store import IndexParams, SupportIndex
 from index.support_lists import SupportList
-from index.torch_search import TorchExactIndex, build_search_index
+from index.search import build_search_index
+from index.torch_search import TorchExactIndex
 from index.transfer import SOFT_TEMPERATURE, check_k, soft_vote
 
 __all__ = ["HbirdOptions", "HBIRD_STD", "AUGMENTS", "random_resized_crop_box", "memory_view",
@@ -306,7 +307,7 @@ def memory_index(feats: np.ndarray, dists: np.ndarray, kind: str, params: IndexP
                  device: torch.device) -> SupportIndex | TorchExactIndex:
     """The search index over the memory (:func:`index.torch_search.build_search_index`); its labels are
     the distributions' argmax (for the record: the vote reads the distributions)."""
-    return build_search_index(feats, dists.argmax(axis=1), kind, params=params, device=device)
+    return build_search_index(feats, np.arange(len(feats)), dists.argmax(axis=1), kind, params=params, device=device)
 
 
 def run_hbird(

@@ -49,7 +49,7 @@ from index.report import log_event, write_reports
 from index.store import IndexParams, SupportIndex, select_support
 from index.support_lists import SupportList
 from index.sharded import ShardedIndex
-from index.torch_search import SEARCH_KINDS, build_search_index
+from index.search import SEARCH_KINDS, build_search_index
 from index.transfer import SOFT_TEMPERATURE, VOTES, check_k, transfer_labels
 
 __all__ = ["run_protocol", "score_index", "build_support_index", "backbone_meta", "VOTES", "LEVELS",
@@ -271,7 +271,7 @@ def run_protocol(
         train_ds, val_ds: support and query :class:`index.datasets.SegDataset` with the same classes.
         ratios: support ratios ``n`` (1/n of the support images). seeds: runs per ratio ``n > 1``
             (seeds ``0..seeds-1``); ratio 1 runs once with seed 0.
-        k: neighbours per query patch. index_kind: one of :data:`index.torch_search.SEARCH_KINDS`.
+        k: neighbours per query patch. index_kind: one of :data:`index.search.SEARCH_KINDS`.
         vote: "majority" | "soft". level: "patch" | "pixel".
         out: results.json path; the CSV, Markdown and PNG reports go next to it.
         log: called as ``log(event, **fields)`` for JSON-lines progress records (None: silent).
@@ -349,7 +349,7 @@ def run_protocol(
         if dist.world_size() > 1:  # torchrun: this rank indexes its shard, results merged (index.sharded)
             index = ShardedIndex(fs_tr.features, rows, fs_tr.labels[rows], index_kind, params=params, device=device)
         else:
-            index = build_search_index(fs_tr.features[rows], fs_tr.labels[rows], index_kind, params=params,
+            index = build_search_index(fs_tr.features, rows, fs_tr.labels[rows], index_kind, params=params,
                                        device=device)
         hist = _support_histograms(train_ds, fs_tr, images, C, hist_memo) if vote == "soft" else None
         tm["index_build"] += time.perf_counter() - t0

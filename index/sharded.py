@@ -17,7 +17,7 @@ import torch
 
 from cribo import dist
 from index.store import IndexParams
-from index.torch_search import build_search_index
+from index.search import build_search_index
 
 __all__ = ["ShardedIndex", "merge_topk", "shard_bounds"]
 
@@ -51,7 +51,7 @@ class ShardedIndex:
         if self.hi <= self.lo:
             raise ValueError(f"{rows.size} support patches cannot be split over {self.world} ranks: rank "
                              f"{self.rank} gets none; use fewer processes (--nproc_per_node)")
-        self.shard = build_search_index(features[rows[self.lo:self.hi]], labels[self.lo:self.hi], kind,
+        self.shard = build_search_index(features, rows[self.lo:self.hi], labels[self.lo:self.hi], kind,
                                         params=params, device=device)
         self.labels = np.asarray(labels, dtype=np.int64)  # (N,) all of them: the vote reads global ids
         self.kind = f"{kind} (sharded over {self.world} ranks)"

@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from index.store import INDEX_KINDS, IndexParams, SupportIndex
 from index.transfer import check_k
 
-__all__ = ["TorchExactIndex", "SEARCH_KINDS", "build_search_index"]
+__all__ = ["TorchExactIndex"]
 
 TORCH_KIND = "torch"
 QUERY_CHUNK = 2048
@@ -82,15 +81,3 @@ class TorchExactIndex:
             out_d[s:s + q.shape[0]] = best_d.cpu().numpy()
             out_i[s:s + q.shape[0]] = best_i.cpu().numpy()
         return out_d, out_i
-
-
-SEARCH_KINDS = (*sorted(INDEX_KINDS), TORCH_KIND)  # what --index accepts
-
-
-def build_search_index(xb: np.ndarray, labels: np.ndarray, kind: str, *, params: IndexParams,
-                       device: str | torch.device = "cpu") -> SupportIndex | TorchExactIndex:
-    """A FAISS :class:`SupportIndex` of ``kind`` (``flat``, ``ivf``, ``hnsw``) or, for ``"torch"``, a
-    :class:`TorchExactIndex` on ``device``."""
-    if kind == TORCH_KIND:
-        return TorchExactIndex(xb, labels, device=device)
-    return SupportIndex.build(xb, labels, kind, params=params)

@@ -9,7 +9,8 @@ from cribo.backbones import load_backbone
 from helpers_data import make_folder_dataset
 from index.datasets import open_dataset
 from index.protocol import run_protocol
-from index.torch_search import SEARCH_KINDS, TorchExactIndex, build_search_index
+from index.search import SEARCH_KINDS, build_search_index
+from index.torch_search import TorchExactIndex
 from index.store import IndexParams, SupportIndex
 
 
@@ -57,10 +58,13 @@ def test_errors_name_the_problem():
 
 
 def test_kinds_and_dispatch():
-    assert SEARCH_KINDS == ("flat", "hnsw", "ivf", "torch")
-    xb, labels = np.eye(4, dtype=np.float32), np.arange(4)
-    assert isinstance(build_search_index(xb, labels, "torch", params=IndexParams()), TorchExactIndex)
-    assert isinstance(build_search_index(xb, labels, "flat", params=IndexParams()), SupportIndex)
+    assert SEARCH_KINDS == ("flat", "hnsw", "ivf", "ivfpq", "torch")
+    xb, labels = np.eye(4, dtype=np.float32), np.arange(3)
+    index = build_search_index(xb, np.array([3, 1, 2]), labels, "torch", params=IndexParams())
+    assert isinstance(index, TorchExactIndex) and index.search(xb[[1]], 1)[1].tolist() == [[1]]
+    assert isinstance(build_search_index(xb, np.arange(3), labels, "flat", params=IndexParams()), SupportIndex)
+    with pytest.raises(ValueError, match="unknown index kind 'lsh'"):
+        build_search_index(xb, np.arange(3), labels, "lsh", params=IndexParams())
 
 
 def test_protocol_with_torch_search_equals_faiss_flat(tmp_path):
