@@ -59,7 +59,8 @@ def main() -> None:
     print(json.dumps({"support": args.support, "queries": args.queries, "dim": args.dim, "k": args.k,
                       "threads": args.threads, "device": args.device, "dtype": args.dtype,
                       "faiss_flat_s": round(faiss_s, 2), "torch_s": round(torch_s, 2),
-                      "same_rank_ids": round(float(np.mean(I == I_ref)), 4), f"recall@{args.k}": round(float(recall), 4),
+                      "same_rank_ids": round(float(np.mean(I == I_ref)), 4),
+                      f"recall@{args.k}": round(float(recall), 4),
                       "max_abs_sim_diff": float(np.abs(D - D_ref).max())}))
 
 

@@ -288,7 +288,8 @@ def extract_features(
     main = dist.is_main()
     if main:
         cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(dist.broadcast_object(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir) if main else None))
+    made = tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir) if main else None
+    tmp = Path(dist.broadcast_object(made))  # rank 0's temporary directory, written by every rank
     try:
         meta = _extract_into(tmp, backbone, dataset, resolved, device, batch_size, num_workers, progress and main)
         meta.update(key=key, backbone=backbone.identity, backbone_source=getattr(backbone, "source", ""),

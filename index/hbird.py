@@ -91,8 +91,10 @@ class HbirdOptions:
             raise ValueError(f"--memory-passes must be >= 1, got {self.memory_passes}")
         if self.memory_size is not None and self.memory_size < 1:
             raise ValueError(f"--memory-size must be >= 1, got {self.memory_size}")
-        for name, value, allowed in (("augment", self.augment, AUGMENTS), ("void_label", self.void_label, VOID_LABELS),
-                                     ("upsample", self.upsample, UPSAMPLES), ("pixel_std", self.pixel_std, tuple(PIXEL_STDS))):
+        for name, value, allowed in (("augment", self.augment, AUGMENTS),
+                                     ("void_label", self.void_label, VOID_LABELS),
+                                     ("upsample", self.upsample, UPSAMPLES),
+                                     ("pixel_std", self.pixel_std, tuple(PIXEL_STDS))):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}: choose one of {allowed}")
 
@@ -130,8 +132,10 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
 
 def _colour_jitter(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """``x (3, H, W)`` float in [0, 1]: brightness, contrast, saturation, hue, each with p = 0.5 (in that order)."""
-    for adjust, low, high in ((TF.adjust_brightness, 1 - JITTER, 1 + JITTER), (TF.adjust_contrast, 1 - JITTER, 1 + JITTER),
-                              (TF.adjust_saturation, 1 - JITTER, 1 + JITTER), (TF.adjust_hue, -JITTER, JITTER)):
+    for adjust, low, high in ((TF.adjust_brightness, 1 - JITTER, 1 + JITTER),
+                              (TF.adjust_contrast, 1 - JITTER, 1 + JITTER),
+                              (TF.adjust_saturation, 1 - JITTER, 1 + JITTER),
+                              (TF.adjust_hue, -JITTER, JITTER)):
         if rng.random() < JITTER_P:
             x = adjust(x, float(rng.uniform(low, high)))
     return x
@@ -267,8 +271,8 @@ def query_set(backbone: Any, dataset: Any, options: HbirdOptions, *, device: tor
     return QuerySet(feats, masks, s, forward_s)
 
 
-def score_queries(index: SupportIndex | TorchExactIndex, memory_dists: np.ndarray, queries: QuerySet, k: int, options: HbirdOptions,
-                  num_classes: int, void: int, *, images_per_chunk: int = 64,
+def score_queries(index: SupportIndex | TorchExactIndex, memory_dists: np.ndarray, queries: QuerySet, k: int,
+                  options: HbirdOptions, num_classes: int, void: int, *, images_per_chunk: int = 64,
                   progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """Pixel confusion ``(C, C)`` int64 of the queries against ``index`` and the time split
     (``search``, ``vote``, ``metric`` seconds): k-NN, softmax(cos / T) vote over the neighbours'

@@ -85,6 +85,11 @@ def _csv_text(results: dict) -> str:
     return buf.getvalue()
 
 
+def _support_lists_line(lists: list[dict]) -> str:
+    return "- support lists: " + ", ".join(f"`{sl['name']}` ({sl['num_ids']} ids, {sl['num_missing']} missing)"
+                                           for sl in lists)
+
+
 def _md_text(results: dict) -> str:
     bb, ds = results.get("backbone", {}), results.get("dataset", {})
     lines = [
@@ -96,8 +101,7 @@ def _md_text(results: dict) -> str:
         f"- k = {results.get('k')}, index `{results.get('index')}`, vote `{results.get('vote')}`, "
         f"level `{results.get('level')}`; std over seeds with ddof = {results.get('std_ddof', 0)}",
         f"- time split: {format_timing(results)}",
-        *([f"- support lists: " + ", ".join(f"`{sl['name']}` ({sl['num_ids']} ids, {sl['num_missing']} missing)"
-                                             for sl in results["support_lists"])] if results.get("support_lists") else []),
+        *([_support_lists_line(results["support_lists"])] if results.get("support_lists") else []),
         "",
         "| ratio | mIoU (%) | std | seeds | pixel acc. (%) |",
         "|---|---|---|---|---|",
