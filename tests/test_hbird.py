@@ -167,3 +167,14 @@ def test_cli_hbird_flags_and_errors(setup, tmp_path, capsys):
     assert (res["k"], res["metric"], res["hbird"]["input_size"]) == (30, "hungarian", 64)
     assert "time split: forward" in capsys.readouterr().out
     assert res["ratios"]["2"]["miou_identity"][0] <= res["ratios"]["2"]["miou"][0]
+
+
+def test_patch_14_registers_model_runs_the_hbird_protocol(setup):
+    _, _, train, val = setup
+    bb = load_backbone("vit_small_patch14_reg4_dinov2", random_init=True, seed=0)
+    res = run_hbird(bb, train, val, options=HbirdOptions(input_size=56), ratios=(2,), seeds=1, k=3,
+                    progress=False, log=None)
+    assert res["patch_size"] == 14 and res["num_query_patches"] == 3 * 16
+    assert res["ratios"]["2"]["num_support_patches"] == [3 * 16]
+    with pytest.raises(ValueError, match="--input-size 64 must be a positive multiple of the backbone's patch size 14"):
+        run_hbird(bb, train, val, options=HbirdOptions(input_size=64), ratios=(2,), seeds=1, progress=False, log=None)
