@@ -67,6 +67,7 @@ class RerankedIndex:
                              "list and >= 256 for the PQ codebooks): use --index flat")
         self.features, self.rows, self.labels, self.params = features, rows, labels.astype(np.int64), params
         self.index = faiss.index_factory(D, f"IVF{nlist},PQ{params.pq_m}", faiss.METRIC_INNER_PRODUCT)
+        self.index.do_polysemous_training = False  # Hamming filtering is unused here; its training costs minutes
         size = min(n, params.train_size or 64 * nlist)
         sample = np.sort(np.random.default_rng(params.seed).choice(n, size=size, replace=False))
         self.index.train(np.ascontiguousarray(features[rows[sample]], dtype=np.float32))
