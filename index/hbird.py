@@ -194,6 +194,14 @@ def sample_patches(dists: np.ndarray, per_image: int, rng: np.random.Generator) 
     return np.argsort(score, axis=1, kind="stable")[:, :k]
 
 
+def _image_and_mask(dataset: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
+    image, mask = dataset.load_image(i), dataset.load_mask(i)
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"image {dataset.ids[i]!r} is {image.shape[0]}x{image.shape[1]} but its mask is "
+                         f"{mask.shape[0]}x{mask.shape[1]}: fix the dataset (mask and image must match)")
+    return image, mask
+
+
 def build_memory(backbone: Any, dataset: Any, images: list[int], options: HbirdOptions, *, seed: int,
                  device: torch.device, precision: str, batch_size: int,
                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
@@ -212,23 +220,23 @@ def build_memory(backbone: Any, dataset: Any, images: list[int], options: HbirdO
     for j in range(options.memory_passes):
         rng = np.random.default_rng((seed, j))
         for s in range(0, len(images), batch_size):
-            views = [memory_view(dataset.load_image(i), dataset.load_mask(i), S, options.augment, rng)
+            views = [memory_view(*_image_and_mask(dataset, i), S, options.augment, rng)
                      for i in images[s:s + batch_size]]
             x = _normalise(torch.stack([v[0] for v in views]), options.pixel_std)
             t0 = time.perf_counter()
             tokens = _forward(backbone, x, precision, device).numpy()  # (B, s*s, D)
             forward_s += time.perf_counter() - t0
-            dist = np.stack([_patch_distributions(v[1], p, C, dataset.void, options.void_label) for v in views])
+            batch_dists = np.stack([_patch_distributions(v[1], p, C, dataset.void, options.void_label) for v in views])
             if per_image is not None:
-                keep = sample_patches(dist, per_image, rng)  # (B, K)
+                keep = sample_patches(batch_dists, per_image, rng)  # (B, K)
                 tokens = np.take_along_axis(tokens, keep[:, :, None], axis=1)
-                dist = np.take_along_axis(dist, keep[:, :, None], axis=1)
-            tokens, dist = tokens.reshape(-1, tokens.shape[-1]), dist.reshape(-1, C)
+                batch_dists = np.take_along_axis(batch_dists, keep[:, :, None], axis=1)
+            tokens, batch_dists = tokens.reshape(-1, tokens.shape[-1]), batch_dists.reshape(-1, C)
             if options.void_label == "ignore":  # void-only patches carry no label: not indexed
-                labelled = dist.sum(axis=1) > 0
-                tokens, dist = tokens[labelled], dist[labelled]
+                labelled = batch_dists.sum(axis=1) > 0
+                tokens, batch_dists = tokens[labelled], batch_dists[labelled]
             feats.append(tokens)
-            dists.append(dist)
+            dists.append(batch_dists)
             bar.update(len(views))
     bar.close()
     return np.concatenate(feats), np.concatenate(dists), forward_s
@@ -259,8 +267,9 @@ def query_set(backbone: Any, dataset: Any, options: HbirdOptions, *, device: tor
         idx = range(start, min(n, start + batch_size))
         xs = []
         for i in idx:
-            img = Image.fromarray(dataset.load_image(i)).resize((S, S), Image.Resampling.BILINEAR)
-            masks[i] = np.asarray(Image.fromarray(dataset.load_mask(i)).resize((S, S), Image.Resampling.NEAREST))
+            image, mask = _image_and_mask(dataset, i)
+            img = Image.fromarray(image).resize((S, S), Image.Resampling.BILINEAR)
+            masks[i] = np.asarray(Image.fromarray(mask).resize((S, S), Image.Resampling.NEAREST))
             xs.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255))
         t0 = time.perf_counter()
         feats[start:start + len(idx)] = _forward(backbone, _normalise(torch.stack(xs), options.pixel_std),
