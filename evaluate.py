@@ -11,15 +11,16 @@ prints JSON-lines progress and the table. All the work is in :func:`index.protoc
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cribo import dist
 from cribo.backbones import BackboneLoadError
 from index.cli import add_backbone_args, add_data_args, add_extraction_args, backbone_from_args
 from index.cli import add_protocol_args, hbird_options_from_args
-from index.hbird import run_hbird
 from index.datasets import DEFAULT_SPLITS, DatasetError, open_dataset
 from index.features import FeatureCacheError
+from index.hbird import run_hbird
 from index.protocol import LEVELS, VOTES, run_protocol
 from index.report import format_table, format_timing
 from index.search import SEARCH_KINDS
@@ -69,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     val_split = args.val_split or DEFAULT_SPLITS[args.dataset][1]
     main_rank = True
     try:
-        rank, _, device = dist.init_distributed(args.device)  # torchrun: one process per rank (index.sharded)
-        args.device, main_rank = str(device), rank == 0
+        if "WORLD_SIZE" in os.environ:  # launched by torchrun: one process per rank (index.sharded)
+            rank, _, device = dist.init_distributed(args.device)
+            args.device, main_rank = str(device), rank == 0
         backbone = backbone_from_args(args)
         train_ds = open_dataset(args.dataset, args.root, train_split)
         val_ds = open_dataset(args.dataset, args.root, val_split)
