@@ -5,7 +5,12 @@ import faiss
 import numpy as np
 import pytest
 
+from cribo.backbones import load_backbone
+from helpers_data import make_folder_dataset
+from index.datasets import open_dataset
+from index.protocol import run_protocol
 from index.reranked import RerankedIndex, RerankParams
+from index.store import IndexParams
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +65,15 @@ def test_errors(data):
         RerankedIndex(data, rows[:200], np.zeros(200), RerankParams(pq_m=8))
     with pytest.raises(ValueError, match=r"labels must have shape \(6000,\)"):
         RerankedIndex(data, rows, np.zeros(5), RerankParams(pq_m=8))
+
+
+def test_protocol_runs_with_ivfpq(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds", {"train": 8, "val": 2}, sizes=((128, 128),))
+    bb = load_backbone("vit_tiny_patch16_224", random_init=True, seed=0)
+    train, val = open_dataset("folder", root, "train"), open_dataset("folder", root, "val")
+    kw = dict(ratios=(1,), seeds=1, k=5, cache_dir=tmp_path / "cache", num_workers=0, progress=False, log=None)
+    flat = run_protocol(bb, train, val, index_kind="flat", **kw)
+    pq = run_protocol(bb, train, val, index_kind="ivfpq", index_params=IndexParams(nlist=4, nprobe=4), **kw)
+    assert pq["index"] == "ivfpq"
+    assert pq["ratios"]["1"]["num_support_patches"] == flat["ratios"]["1"]["num_support_patches"] == [512]
+    assert abs(pq["ratios"]["1"]["miou"][0] - flat["ratios"]["1"]["miou"][0]) < 10
