@@ -75,5 +75,5 @@ def test_protocol_runs_with_ivfpq(tmp_path):
     flat = run_protocol(bb, train, val, index_kind="flat", **kw)
     pq = run_protocol(bb, train, val, index_kind="ivfpq", index_params=IndexParams(nlist=4, nprobe=4), **kw)
     assert pq["index"] == "ivfpq"
-    assert pq["ratios"]["1"]["num_support_patches"] == flat["ratios"]["1"]["num_support_patches"] == [512]
+    assert pq["ratios"]["1"]["num_support_patches"] == flat["ratios"]["1"]["num_support_patches"] == [496]
     assert abs(pq["ratios"]["1"]["miou"][0] - flat["ratios"]["1"]["miou"][0]) < 10
