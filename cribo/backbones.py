@@ -15,6 +15,7 @@ needs any other Python object is refused, never unpickled.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -79,13 +80,43 @@ ARCHS: dict[str, ArchSpec] = {
 
 
 def known_names() -> list[str]:
-    """Every accepted ``name``, besides timm pretrained tags ``<arch>.<tag>`` (vit_small_patch16_224.dino)."""
+    """Every listed ``name``; besides these, any timm ``VisionTransformer`` name (``vit_small_patch14_dinov2``,
+    ``vit_small_patch14_reg4_dinov2``, ``deit_small_patch16_224``, ...) and timm pretrained tags
+    ``<arch>.<tag>`` (vit_small_patch16_224.dino) are accepted."""
     return ["builtin", *presets.PRESETS, *ARCHS]
 
 
 def create_vit(arch: str, *, drop_path_rate: float = 0.0) -> VisionTransformer:
-    """Randomly initialised ViT of a registered ``arch`` (uses the global torch RNG)."""
+    """Randomly initialised ViT of a supported ``arch`` (uses the global torch RNG)."""
     return _timm_vit(arch, drop_path_rate=drop_path_rate)
+
+
+def arch_spec(arch: str) -> ArchSpec:
+    """The :class:`ArchSpec` of ``arch``: a registered one (``ARCHS``), else any timm model that is a
+    ``VisionTransformer`` (patch size and width read from the model built on the meta device).
+
+    Raises ``ValueError`` naming the arch when timm does not know it or it is not a plain ViT.
+    """
+    if arch in ARCHS:
+        return ARCHS[arch]
+    return _timm_spec(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_spec(arch: str) -> ArchSpec:
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown backbone arch {arch!r}: not a timm model name; registered: "
+                         f"{', '.join(ARCHS)}, or any timm VisionTransformer such as vit_small_patch14_dinov2 "
+                         "(timm.list_models('vit_*') lists them)")
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        vit = timm.create_model(arch, pretrained=False, num_classes=0)
+    if not isinstance(vit, VisionTransformer):
+        raise ValueError(f"backbone arch {arch!r} is a timm {type(vit).__name__}, not a VisionTransformer: "
+                         "only plain ViTs (patch tokens + prefix tokens) are supported")
+    ph, pw = vit.patch_embed.patch_size
+    if ph != pw:
+        raise ValueError(f"backbone arch {arch!r} has non-square {ph}x{pw} patches: only square patches are supported")
+    return ArchSpec(arch, int(ph), int(vit.embed_dim))
 
 
 def _empty_vit(arch: str) -> VisionTransformer:
@@ -95,13 +126,21 @@ def _empty_vit(arch: str) -> VisionTransformer:
 
 
 def _timm_vit(arch: str, **kwargs) -> VisionTransformer:
-    spec = _spec(arch)
+    spec = arch_spec(arch)
     if spec.depth is not None:
         kwargs["depth"] = spec.depth
     if spec.conv_stem:
         kwargs["embed_layer"] = _conv_stem_embed
     return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True,
                              patch_size=spec.patch_size, **kwargs)
+
+
+def patch_stride(vit: VisionTransformer) -> int:
+    """Pixels per token side: the patchify kernel, or for a convolutional stem (timm ``HybridEmbed``) the
+    stem's downsampling ratio times the projection's kernel."""
+    embed = vit.patch_embed
+    ratio = getattr(embed, "feature_ratio", (1, 1))
+    return int(embed.patch_size[0] * ratio[0])
 
 
 def _conv_stem_embed(*, patch_size: int, embed_dim: int, **kwargs) -> HybridEmbed:
@@ -117,12 +156,6 @@ def _conv_stem_embed(*, patch_size: int, embed_dim: int, **kwargs) -> HybridEmbe
     return HybridEmbed(stem, patch_size=1, embed_dim=embed_dim, **kwargs)
 
 
-def _spec(arch: str) -> ArchSpec:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown backbone arch {arch!r}; supported: {', '.join(ARCHS)}")
-    return ARCHS[arch]
-
-
 class Backbone(nn.Module):
     """A timm ViT with the named output contract used by retrieval, training and the app.
 
@@ -132,19 +165,23 @@ class Backbone(nn.Module):
 
     def __init__(self, vit: VisionTransformer, arch: str, identity: str, source: str):
         super().__init__()
-        spec = _spec(arch)
-        if vit.num_prefix_tokens != 1 or vit.embed_dim != spec.embed_dim:
-            raise ValueError(f"{arch}: expected one class token and embed_dim {spec.embed_dim}, got "
-                             f"{vit.num_prefix_tokens} prefix tokens and embed_dim {vit.embed_dim}")
+        spec = arch_spec(arch)
+        if vit.embed_dim != spec.embed_dim or patch_stride(vit) != spec.patch_size:
+            raise ValueError(f"{arch}: expected embed_dim {spec.embed_dim} and {spec.patch_size}-pixel patches, "
+                             f"got embed_dim {vit.embed_dim} and {patch_stride(vit)}-pixel patches")
         self.vit = vit
         self.arch, self.patch_size, self.embed_dim = arch, spec.patch_size, spec.embed_dim
+        # prefix tokens ahead of the patch tokens: the class token (if any) then registers (DINOv2-reg)
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        self.has_class_token = vit.cls_token is not None
         self.identity, self.source = identity, source
 
     def forward_features(self, x: torch.Tensor) -> dict:
         """x (B,3,H,W), H and W multiples of ``patch_size`` -> tokens after the final LayerNorm.
 
         Returns ``x_norm_clstoken`` (B,D), ``x_norm_patchtokens`` (B,h*w,D) (row-major over the
-        (h,w) grid, CLS dropped, not L2-normalised) and ``grid`` = (h, w).
+        (h,w) grid, every prefix token dropped: class token and registers; not L2-normalised) and
+        ``grid`` = (h, w). A ViT without a class token gives the mean patch token as ``x_norm_clstoken``.
         """
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images of shape (B,3,H,W), got {tuple(x.shape)}")
@@ -153,9 +190,13 @@ class Backbone(nn.Module):
             # timm's patch convolution would silently drop the remainder rows/columns.
             raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}: "
                              "resize or crop it first (index.labels.protocol_size gives a valid size)")
-        tokens = self.vit.forward_features(x)  # (B, 1 + h*w, D), final norm applied
-        return {"x_norm_clstoken": tokens[:, 0], "x_norm_patchtokens": tokens[:, 1:],
-                "grid": (H // p, W // p)}
+        tokens = self.vit.forward_features(x)  # (B, num_prefix + h*w, D), final norm applied
+        patches = tokens[:, self.num_prefix_tokens:]  # (B, h*w, D)
+        if patches.shape[1] != (H // p) * (W // p):
+            raise RuntimeError(f"{self.arch} returned {patches.shape[1]} patch tokens for a {H}x{W} input, "
+                               f"expected {(H // p) * (W // p)}")
+        cls = tokens[:, 0] if self.has_class_token else patches.mean(dim=1)
+        return {"x_norm_clstoken": cls, "x_norm_patchtokens": patches, "grid": (H // p, W // p)}
 
     def forward(self, x: torch.Tensor) -> dict:
         return self.forward_features(x)
@@ -231,6 +272,9 @@ def load_backbone(name: str | None = None, weights: str | os.PathLike | None = N
 def _arch_of_name(name: str | None) -> str | None:
     if name is None or name in ARCHS:
         return name
+    if timm.is_model(name):
+        arch_spec(name)  # a plain timm ViT, or a clear ValueError
+        return name
     if name == "builtin":
         return BUILTIN_ARCH
     if name in presets.PRESETS:
@@ -262,8 +306,9 @@ def _preset_weights(name: str, cache_dir: str | os.PathLike | None) -> Path:
 
 def _timm_pretrained(tag: str) -> Backbone:
     arch = tag.split(".", 1)[0]
-    if arch not in ARCHS:
+    if arch not in ARCHS and not timm.is_model(arch):
         raise _unknown(tag)
+    arch_spec(arch)  # a plain timm ViT, or a clear ValueError
     available = timm.list_pretrained(f"{arch}.*")
     if tag not in available:
         raise ValueError(f"timm has no pretrained weights {tag!r}; tags for {arch}: {available or 'none'}")
@@ -296,8 +341,11 @@ def _from_file(path: Path, arch: str | None, label: str | None = None) -> Backbo
         raise BackboneLoadError(f"{path} holds a {found_arch} backbone but {arch} was requested: drop "
                                 "the name (the file is self-describing) or pass the matching one")
     arch = arch or found_arch
-    if arch is not None and arch not in ARCHS:
-        raise BackboneLoadError(f"{path} declares arch {arch!r}, not a supported one ({', '.join(ARCHS)})")
+    if arch is not None:
+        try:
+            arch_spec(arch)
+        except ValueError as err:
+            raise BackboneLoadError(f"{path} declares arch {arch!r}, not a supported one: {err}") from err
     if arch is None:
         raise BackboneLoadError(f"cannot tell the architecture of {path} ({kind} without arch "
                                 f"information): pass its name (--backbone), one of {', '.join(ARCHS)}")
@@ -432,11 +480,14 @@ def _match_state(state: dict, vit: nn.Module, arch: str, origin: object,
                                 f"{_few(missing)}; unexpected ({len(unexpected)}): {_few(unexpected)}")
     pos, want = state["pos_embed"], expected["pos_embed"]
     if resample_pos_embed and pos.ndim == 3 and pos.shape[-1] == want.shape[-1] and pos.shape != want.shape:
-        side = math.isqrt(pos.shape[1] - 1)  # trained at another resolution: same arch, other grid
-        if side * side == pos.shape[1] - 1:
+        # trained at another resolution: same arch, other grid. The prefix tokens that carry a position
+        # embedding (the class token unless no_embed_class, as in DINOv2-reg) are kept as they are.
+        n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        side = math.isqrt(pos.shape[1] - n_prefix)
+        if side * side == pos.shape[1] - n_prefix:
             grid = list(vit.patch_embed.grid_size)
-            state = {**state, "pos_embed": resample_abs_pos_embed(pos.float(), new_size=grid,
-                                                                  old_size=[side, side], num_prefix_tokens=1)}
+            state = {**state, "pos_embed": resample_abs_pos_embed(pos.float(), new_size=grid, old_size=[side, side],
+                                                                  num_prefix_tokens=n_prefix)}
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
              if v.shape != expected[k].shape]
     if wrong:
@@ -492,7 +543,7 @@ def export_backbone(vit: VisionTransformer | Backbone, arch: str, path: str | os
         if vit.arch != arch:
             raise ValueError(f"backbone is a {vit.arch}, not {arch}")
         vit = vit.vit
-    spec, path = _spec(arch), Path(path)
+    spec, path = arch_spec(arch), Path(path)
     if dtype not in _EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {list(_EXPORT_DTYPES)}, got {dtype!r}")
     if path.suffix != ".safetensors":

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from cribo import dist
 from cribo.errors import DataError
 from cribo.precision import autocast, resolve_precision
 from index.labels import patch_labels, protocol_size, resize_image, resize_mask
@@ -279,25 +280,31 @@ def extract_features(
     key = cache_key(backbone.identity, fingerprint, resolved)
     cache_dir = Path(cache_dir)
     final = cache_dir / key
-    if final.is_dir():
+    # under torchrun, rank 0 decides for all (the cache dir must be on a filesystem every rank sees)
+    if dist.broadcast_object(final.is_dir()):
         fs = _load_cache(final)
         fs.meta["cached"] = True
         return fs
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir))
+    main = dist.is_main()
+    if main:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    made = tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir) if main else None
+    tmp = Path(dist.broadcast_object(made))  # rank 0's temporary directory, written by every rank
     try:
-        meta = _extract_into(tmp, backbone, dataset, resolved, device, batch_size, num_workers, progress)
+        meta = _extract_into(tmp, backbone, dataset, resolved, device, batch_size, num_workers, progress and main)
         meta.update(key=key, backbone=backbone.identity, backbone_source=getattr(backbone, "source", ""),
                     dataset=fingerprint, precision=resolved, precision_requested=precision)
-        (tmp / META_FILE).write_text(json.dumps(meta) + "\n")  # written last: its presence marks completion
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():  # another process finished the same key first: use theirs
-                raise
+        if main:
+            (tmp / META_FILE).write_text(json.dumps(meta) + "\n")  # written last: its presence marks completion
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.is_dir():  # another process finished the same key first: use theirs
+                    raise
+        dist.barrier()
     finally:
-        if tmp.exists():
+        if main and tmp.exists():
             shutil.rmtree(tmp)
     fs = _load_cache(final)
     fs.meta["cached"] = False
@@ -306,8 +313,14 @@ def extract_features(
 
 def _extract_into(out: Path, backbone: Any, dataset: Any, precision: str, device: torch.device,
                   batch_size: int, num_workers: int, progress: bool) -> dict[str, Any]:
-    """Write labels.npy and features.npy of ``dataset`` into ``out``; return the cache metadata."""
+    """Write labels.npy and features.npy of ``dataset`` into ``out``; return the cache metadata.
+
+    Under torchrun every rank reads the masks (cheap), rank 0 writes the labels and creates
+    features.npy, and rank ``r`` of ``W`` runs the forward of size batches ``r, r + W, ...`` into it;
+    ``forward_seconds`` is summed over the ranks.
+    """
     t_start = time.perf_counter()
+    rank, world = dist.rank(), dist.world_size()
     p, D, n = int(backbone.patch_size), int(backbone.embed_dim), len(dataset.ids)
     loader_kw = dict(num_workers=num_workers, persistent_workers=False)
 
@@ -323,16 +336,22 @@ def _extract_into(out: Path, backbone: Any, dataset: Any, precision: str, device
     counts = grids[:, 0] * grids[:, 1]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     total = int(offsets[-1])
-    np.save(out / LABELS_FILE, np.concatenate(labels).astype(np.int16), allow_pickle=False)
+    if rank == 0:
+        np.save(out / LABELS_FILE, np.concatenate(labels).astype(np.int16), allow_pickle=False)
 
     # pass 2: images grouped by protocol size -> normalised, L2-normalised patch tokens
-    feats = np.lib.format.open_memmap(out / FEATURES_FILE, mode="w+", dtype=np.float16, shape=(total, D))
-    images = DataLoader(_ImagePass(dataset, sizes, psizes), batch_sampler=size_batches(psizes, batch_size),
+    if rank == 0:
+        feats = np.lib.format.open_memmap(out / FEATURES_FILE, mode="w+", dtype=np.float16, shape=(total, D))
+    dist.barrier()
+    if rank != 0:
+        feats = np.load(out / FEATURES_FILE, mmap_mode="r+", allow_pickle=False)
+    batches = size_batches(psizes, batch_size)[rank::world]
+    images = DataLoader(_ImagePass(dataset, sizes, psizes), batch_sampler=batches,
                         pin_memory=device.type == "cuda", **loader_kw)
     was_training = backbone.training
     backbone.to(device).eval()
     forward_s = 0.0
-    bar = tqdm(total=n, desc=f"features {dataset.split}", unit="img", disable=not progress)
+    bar = tqdm(total=sum(map(len, batches)), desc=f"features {dataset.split}", unit="img", disable=not progress)
     try:
         with torch.inference_mode():
             for idx, x in images:
@@ -357,6 +376,8 @@ def _extract_into(out: Path, backbone: Any, dataset: Any, precision: str, device
         backbone.train(was_training)
     feats.flush()
     del feats
+    forward_s = float(dist.all_reduce_sum(torch.tensor([forward_s], dtype=torch.float64, device=device))[0])
+    dist.barrier()  # every rank's rows are on disk before rank 0 completes the cache
     elapsed = time.perf_counter() - t_start
     return {
         "format": FORMAT_VERSION, "resolution_rule": RESOLUTION_RULE, "patch_size": p, "dim": D,

@@ -62,13 +62,19 @@ def iou_per_class(conf: np.ndarray) -> np.ndarray:
     return iou
 
 
-def mean_iou(conf: np.ndarray) -> float:
-    """Mean IoU (a fraction) over the classes whose union is non-zero (present in gt or predictions)."""
+SCORED_CLASSES = ("present", "all")
+
+
+def mean_iou(conf: np.ndarray, classes: str = "present") -> float:
+    """Mean IoU (a fraction) over the classes whose union is non-zero (present in gt or predictions),
+    or, with ``classes="all"`` (open-hummingbird-eval), over all ``C`` classes, an empty union counting 0."""
+    if classes not in SCORED_CLASSES:
+        raise ValueError(f"unknown classes={classes!r}: choose one of {SCORED_CLASSES}")
     iou = iou_per_class(conf)
     present = ~np.isnan(iou)
     if not present.any():
         raise ValueError("the confusion matrix is empty: nothing was scored")
-    return float(iou[present].mean())
+    return float(iou[present].mean() if classes == "present" else np.where(present, iou, 0.0).mean())
 
 
 def pixel_accuracy(conf: np.ndarray) -> float:

@@ -40,11 +40,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cribo import dist
 from index.features import RESOLUTION_RULE, FeatureSet, extract_features
 from index.labels import patch_class_histograms, resize_mask
-from index.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from index.matching import METRICS, match_confusion
+from index.metrics import SCORED_CLASSES, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from index.report import log_event, write_reports
-from index.store import INDEX_KINDS, IndexParams, SupportIndex, check_index_target, select_support
+from index.search import SEARCH_KINDS, build_search_index
+from index.sharded import ShardedIndex
+from index.store import IndexParams, SupportIndex, check_index_target, select_support
+from index.support_lists import SupportList
 from index.transfer import SOFT_TEMPERATURE, VOTES, check_k, transfer_labels
 
 __all__ = ["run_protocol", "score_index", "build_support_index", "backbone_meta", "VOTES", "LEVELS",
@@ -160,6 +165,32 @@ def _percent(x: float) -> float:
     return 100.0 * float(x)
 
 
+def score_confusion(conf: np.ndarray, metric: str = "identity",
+                    score_classes: str = "present") -> tuple[float, float, np.ndarray]:
+    """``(mIoU %, pixel accuracy %, per-class IoU % (C,) with NaN for empty unions)`` of ``conf (C, C)``
+    after the ``metric``'s matching (:mod:`index.matching`), the mean over ``score_classes``."""
+    conf, _ = match_confusion(conf, metric)
+    return (_percent(mean_iou(conf, score_classes)), _percent(pixel_accuracy(conf)),
+            100.0 * iou_per_class(conf))
+
+
+def summarise_ratios(per_ratio: dict[str, dict[str, Any]], num_classes: int) -> dict[str, list[float | None]]:
+    """Adds ``mean``, ``std`` (ddof 0) and ``pixel_accuracy_mean`` to every ratio entry of ``per_ratio``;
+    returns the per-class IoU averaged over each ratio's seeds (NaN-aware, None where never present)."""
+    per_class_mean: dict[str, list[float | None]] = {}
+    for key, e in per_ratio.items():
+        e["mean"] = float(np.mean(e["miou"]))
+        e["std"] = float(np.std(e["miou"]))  # population std (ddof = 0), see the module docstring
+        e["pixel_accuracy_mean"] = float(np.mean(e["pixel_accuracy"]))
+        table = np.array([[np.nan if v is None else v for v in row] for row in e["per_class_iou"]])
+        present = ~np.isnan(table)
+        sums = np.where(present, table, 0.0).sum(axis=0)
+        n_present = present.sum(axis=0)
+        per_class_mean[key] = _nan_to_none(np.divide(sums, n_present, out=np.full(num_classes, np.nan),
+                                                     where=n_present > 0))
+    return per_class_mean
+
+
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
     return [None if np.isnan(v) else float(v) for v in values]
 
@@ -184,6 +215,33 @@ def _predict(index: SupportIndex, features: np.ndarray, rows: np.ndarray, k: int
     return pred, search_s, vote_s
 
 
+def plan_runs(ratios: Sequence[int], seeds: int,
+              support_lists: Sequence[SupportList] | None = None) -> list[tuple[int, int, SupportList | None]]:
+    """``[(ratio, seed, list or None)]``: every ratio ``n > 1`` with seeds ``0..seeds-1`` and ratio 1
+    once, or one run per support list (under its ratio and seed) when lists are given."""
+    if support_lists:
+        pairs = [(sl.ratio, sl.seed) for sl in support_lists]
+        if len(set(pairs)) != len(pairs):
+            raise ValueError(f"support lists {[sl.name for sl in support_lists]} repeat a (ratio, seed) pair "
+                             f"{pairs}: give each list of one folder its own seed")
+        return [(sl.ratio, sl.seed, sl) for sl in support_lists]
+    ratios = [int(r) for r in ratios]
+    if not ratios or any(r < 1 for r in ratios) or len(set(ratios)) != len(ratios):
+        raise ValueError(f"ratios must be distinct integers >= 1, got {ratios}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    return [(r, s, None) for r in ratios for s in (range(seeds) if r > 1 else [0])]
+
+
+def run_support_ids(split_ids: Sequence[str], ratio: int, seed: int, listed: SupportList | None) -> list[str]:
+    """The support ids of one run: the seeded draw (:func:`select_support`), or the list's ids in
+    dataset order."""
+    if listed is None:
+        return select_support(split_ids, ratio, seed)
+    keep = set(listed.ids)
+    return [i for i in split_ids if i in keep]
+
+
 def run_protocol(
     backbone: Any,
     train_ds: Any,
@@ -204,6 +262,9 @@ def run_protocol(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[..., None] | None = log_event,
+    support_lists: Sequence[SupportList] | None = None,
+    metric: str = "identity",
+    score_classes: str = "present",
 ) -> dict[str, Any]:
     """Run the retrieval protocol; return (and, with ``out``, write) the results dict.
 
@@ -212,10 +273,16 @@ def run_protocol(
         train_ds, val_ds: support and query :class:`index.datasets.SegDataset` with the same classes.
         ratios: support ratios ``n`` (1/n of the support images). seeds: runs per ratio ``n > 1``
             (seeds ``0..seeds-1``); ratio 1 runs once with seed 0.
-        k: neighbours per query patch. index_kind: a key of :data:`index.store.INDEX_KINDS`.
+        k: neighbours per query patch. index_kind: one of :data:`index.search.SEARCH_KINDS`.
         vote: "majority" | "soft". level: "patch" | "pixel".
         out: results.json path; the CSV, Markdown and PNG reports go next to it.
         log: called as ``log(event, **fields)`` for JSON-lines progress records (None: silent).
+        support_lists: explicit support subsets (:func:`index.support_lists.read_support_lists`); when
+            given they replace ``ratios`` x ``seeds``: one run per list, under the list's ratio and seed,
+            and each ratio entry names its lists (``"support_lists": [names]``).
+        metric: "identity" (predictions scored as they are) or "hungarian" (open-hummingbird-eval's
+            one-to-one matching of predicted to ground-truth classes first, :mod:`index.matching`).
+        score_classes: "present" (mean over classes with a non-zero union) or "all" (over all C).
 
     Returns:
         ``{"ratios": {"8": {"miou": [per seed, %], "mean", "std", "support_ids": [[ids], ...],
@@ -224,21 +291,23 @@ def run_protocol(
         "per_class_iou": {"8": [mean over seeds per class, %]}, "class_names", "timing"}``.
     """
     t_start = time.perf_counter()
-    ratios = [int(r) for r in ratios]
-    if not ratios or any(r < 1 for r in ratios) or len(set(ratios)) != len(ratios):
-        raise ValueError(f"ratios must be distinct integers >= 1, got {ratios}")
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    runs = plan_runs(ratios, seeds, support_lists)
     if vote not in VOTES:
         raise ValueError(f"unknown vote {vote!r}: choose one of {VOTES}")
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}: choose one of {LEVELS}")
-    if index_kind not in INDEX_KINDS:
-        raise ValueError(f"unknown index kind {index_kind!r}: choose one of {sorted(INDEX_KINDS)}")
+    if index_kind not in SEARCH_KINDS:
+        raise ValueError(f"unknown index kind {index_kind!r}: choose one of {SEARCH_KINDS}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: choose one of {METRICS}")
+    if score_classes not in SCORED_CLASSES:
+        raise ValueError(f"unknown score_classes {score_classes!r}: choose one of {SCORED_CLASSES}")
     check_k(k, np.iinfo(np.int64).max)
     if list(train_ds.class_names) != list(val_ds.class_names):
         raise ValueError(f"support split {train_ds.split!r} and query split {val_ds.split!r} have different "
                          "class names: both must come from the same dataset")
+    if not dist.is_main():  # under torchrun every rank computes, rank 0 reports
+        progress, log, out = False, None, None
     log = log or (lambda event, **fields: None)
     C = len(train_ds.class_names)
     extract_kw = dict(precision=precision, device=device, batch_size=batch_size, num_workers=num_workers,
@@ -265,7 +334,6 @@ def run_protocol(
     if qrows.size == 0:
         raise ValueError(f"query split {val_ds.split!r} has no labelled patch to score")
 
-    runs = [(r, s) for r in ratios for s in (range(seeds) if r > 1 else [0])]
     tot = dict(index_build=0.0, search=0.0, vote=0.0, metric=0.0)
     if level == "pixel":
         tot["metric"] += pixel_prep_s
@@ -273,27 +341,34 @@ def run_protocol(
     hist_memo: dict[int, np.ndarray] = {}
     position = {image_id: i for i, image_id in enumerate(fs_tr.ids)}
     bar = tqdm(runs, desc="runs", unit="run", disable=not progress)
-    for r, seed in bar:
+    for r, seed, listed in bar:
         tm = dict(index_build=0.0, search=0.0, vote=0.0, metric=0.0)
-        ids = select_support(fs_tr.ids, r, seed)
+        ids = run_support_ids(fs_tr.ids, r, seed, listed)
         images = np.asarray([position[i] for i in ids], dtype=np.int64)
         t0 = time.perf_counter()
         rows = fs_tr.rows_of(images, labelled_only=True)
         params = index_params or IndexParams(seed=seed)
-        index = SupportIndex.build(fs_tr.features[rows], fs_tr.labels[rows], index_kind, params=params)
+        if dist.world_size() > 1:  # torchrun: this rank indexes its shard, results merged (index.sharded)
+            index = ShardedIndex(fs_tr.features, rows, fs_tr.labels[rows], index_kind, params=params, device=device)
+        else:
+            index = build_search_index(fs_tr.features, rows, fs_tr.labels[rows], index_kind, params=params,
+                                       device=device)
         hist = _support_histograms(train_ds, fs_tr, images, C, hist_memo) if vote == "soft" else None
         tm["index_build"] += time.perf_counter() - t0
         check_k(k, index.ntotal)
-        pred, tm["search"], tm["vote"] = _predict(index, fs_va.features, qrows, k, C, vote, hist)
+        qbar = tqdm(total=int(qrows.size), desc=f"search 1/{r} seed {seed}", unit="patch", unit_scale=True,
+                    leave=False, disable=not progress)  # the long phase of a run: its own rate and ETA
+        pred, tm["search"], tm["vote"] = _predict(index, fs_va.features, qrows, k, C, vote, hist,
+                                                  progress=lambda done: qbar.update(done - qbar.n))
+        qbar.update(qrows.size - qbar.n)
+        qbar.close()
         t0 = time.perf_counter()
         if pairs is None:
             conf = confusion_matrix(pred, gt, C)
         else:
             prow, pgt, pcount = pairs
             conf = np.bincount(pgt * C + pred[prow], weights=pcount, minlength=C * C).reshape(C, C).astype(np.int64)
-        miou = _percent(mean_iou(conf))
-        acc = _percent(pixel_accuracy(conf))
-        iou = 100.0 * iou_per_class(conf)
+        miou, acc, iou = score_confusion(conf, metric, score_classes)
         tm["metric"] += time.perf_counter() - t0
         for key in tot:
             tot[key] += tm[key]
@@ -302,29 +377,25 @@ def run_protocol(
                                           "per_class_iou": [], "num_support_images": len(ids),
                                           "num_support_patches": [], "timing": dict.fromkeys(tm, 0.0)})
         e["miou"].append(miou)
+        if metric != "identity":  # the unmatched score beside it, for comparison
+            e.setdefault("miou_identity", []).append(score_confusion(conf, "identity", score_classes)[0])
         e["seeds"].append(seed)
         e["support_ids"].append(ids)
         e["pixel_accuracy"].append(acc)
         e["per_class_iou"].append(_nan_to_none(iou))
         e["num_support_patches"].append(int(rows.size))
+        if listed is not None:
+            e.setdefault("support_lists", []).append(listed.name)
         for key in tm:
             e["timing"][key] += tm[key]
         bar.set_postfix(ratio=f"1/{r}", seed=seed, miou=f"{miou:.1f}")
-        log("run", ratio=r, seed=seed, miou=round(miou, 3), pixel_accuracy=round(acc, 3),
+        log("run", ratio=r, seed=seed, **({} if listed is None else {"support_list": listed.name}),
+            miou=round(miou, 3), pixel_accuracy=round(acc, 3),
             support_images=len(ids), support_patches=int(rows.size),
             **{f"{key}_s": round(v, 3) for key, v in tm.items()})
     bar.close()
 
-    per_class_mean: dict[str, list[float | None]] = {}
-    for key, e in per_ratio.items():
-        e["mean"] = float(np.mean(e["miou"]))
-        e["std"] = float(np.std(e["miou"]))  # population std (ddof = 0), see the module docstring
-        e["pixel_accuracy_mean"] = float(np.mean(e["pixel_accuracy"]))
-        table = np.array([[np.nan if v is None else v for v in row] for row in e["per_class_iou"]])
-        present = ~np.isnan(table)
-        sums = np.where(present, table, 0.0).sum(axis=0)
-        n_present = present.sum(axis=0)
-        per_class_mean[key] = _nan_to_none(np.divide(sums, n_present, out=np.full(C, np.nan), where=n_present > 0))
+    per_class_mean = summarise_ratios(per_ratio, C)
 
     results = {
         "ratios": per_ratio,
@@ -334,12 +405,14 @@ def run_protocol(
                     "num_train_images": len(train_ds.ids), "num_val_images": len(val_ds.ids),
                     "train_fingerprint": train_ds.fingerprint(), "val_fingerprint": val_ds.fingerprint()},
         "k": int(k), "index": index_kind, "index_params": asdict(index_params or IndexParams()),
-        "vote": vote, "level": level, "class_names": list(train_ds.class_names),
+        "vote": vote, "level": level, "protocol": "cribo", "metric": metric, "score_classes": score_classes,
+        "class_names": list(train_ds.class_names),
         "per_class_iou": per_class_mean, "num_query_patches": int(qrows.size),
         "num_train_patches": fs_tr.num_patches, "num_val_patches": fs_va.num_patches,
         "patch_size": int(backbone.patch_size), "resolution_rule": RESOLUTION_RULE,
         "precision": fs_tr.meta["precision"], "device": str(device), "std_ddof": 0,
-        "feature_caches": [str(fs_tr.path), str(fs_va.path)],
+        "world_size": dist.world_size(), "feature_caches": [str(fs_tr.path), str(fs_va.path)],
+        "support_lists": [sl.describe() for sl in support_lists] if support_lists else None,
         "timing": {"forward": forward_s, "forward_cached": bool(fs_tr.meta["cached"] and fs_va.meta["cached"]),
                    "extract": extract_s, **tot, "total": time.perf_counter() - t_start},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

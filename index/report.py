@@ -79,9 +79,18 @@ def format_table(results: dict) -> str:
 
 
 def format_timing(results: dict) -> str:
+    """One line: where the time went, each phase with its share of ``total`` (``memory``: the Hummingbird
+    memory's decoding and augmentation beside its forward)."""
     t = results.get("timing", {})
-    keys = [k for k in ("forward", "search", "vote", "metric", "index_build", "total") if k in t]
-    return ", ".join(f"{k} {t[k]:.1f} s" for k in keys)
+    keys = [k for k in ("forward", "memory", "search", "vote", "metric", "index_build") if k in t]
+    total = t.get("total")
+    def share(k: str) -> str:
+        if k == "forward" and t.get("forward_cached"):
+            return " (cached: spent in an earlier run)"
+        return f" ({100 * t[k] / total:.0f} %)" if total else ""
+
+    line = ", ".join(f"{k} {t[k]:.1f} s{share(k)}" for k in keys)
+    return line + (f", total {total:.1f} s" if total is not None else "")
 
 
 def _csv_text(results: dict) -> str:
@@ -98,6 +107,11 @@ def _csv_text(results: dict) -> str:
     return buf.getvalue()
 
 
+def _support_lists_line(lists: list[dict]) -> str:
+    return "- support lists: " + ", ".join(f"`{sl['name']}` ({sl['num_ids']} ids, {sl['num_missing']} missing)"
+                                           for sl in lists)
+
+
 def _md_text(results: dict) -> str:
     bb, ds = results.get("backbone", {}), results.get("dataset", {})
     lines = [
@@ -109,6 +123,7 @@ def _md_text(results: dict) -> str:
         f"- k = {results.get('k')}, index `{results.get('index')}`, vote `{results.get('vote')}`, "
         f"level `{results.get('level')}`; std over seeds with ddof = {results.get('std_ddof', 0)}",
         f"- time split: {format_timing(results)}",
+        *([_support_lists_line(results["support_lists"])] if results.get("support_lists") else []),
         "",
         "| ratio | mIoU (%) | std | seeds | pixel acc. (%) |",
         "|---|---|---|---|---|",
