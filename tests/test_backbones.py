@@ -35,7 +35,8 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 
 def test_registry_holds_the_supported_vits():
     assert set(ARCHS) == {"vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
-                          "vit_tiny_patch8_224", "vit_small_patch8_224", "vit_base_patch8_224"}
+                          "vit_tiny_patch8_224", "vit_small_patch8_224", "vit_base_patch8_224",
+                          "vit_tiny_convstem_patch16"}
     assert BUILTIN_ARCH in ARCHS
 
 
@@ -45,7 +46,7 @@ def test_every_arch_builds_with_contract_shapes(arch):
     vit = backbones._empty_vit(arch)
     spec = ARCHS[arch]
     assert vit.num_classes == 0 and isinstance(vit.head, torch.nn.Identity)
-    assert vit.patch_embed.patch_size == (spec.patch_size, spec.patch_size)
+    assert backbones.patch_stride(vit) == spec.patch_size
     assert vit.embed_dim == spec.embed_dim and vit.num_prefix_tokens == 1 and vit.reg_token is None
     backbone = Backbone(vit, arch, "test", "test")
     p = spec.patch_size
