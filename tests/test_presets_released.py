@@ -117,11 +117,11 @@ def test_fidelity_flags_reach_the_config_and_override_a_preset():
 
     base = ["--data", "d", "--batch-size", "2", "--max-steps", "3", "--output-dir", "o"]
     args = vars(build_train_parser().parse_args([*base, "--preset", "in1k-vits16", "--clustering", "paper"]))
-    config = config_from_preset(args.pop("preset"), **{k: v for k, v in args.items() if k != "crash_at_step"})
+    config = config_from_preset(args.pop("preset"), **{k: v for k, v in args.items() if k not in ("crash_at_step", "debug")})
     assert (config.clustering, config.ci_normalisation) == ("paper", "reference")  # flag wins, preset fills
     args = vars(build_train_parser().parse_args([*base, "--arch", "vit_tiny_patch16_224", "--ci-normalisation",
                                                  "reference"]))
-    config = config_from_preset(args.pop("preset"), **{k: v for k, v in args.items() if k != "crash_at_step"})
+    config = config_from_preset(args.pop("preset"), **{k: v for k, v in args.items() if k not in ("crash_at_step", "debug")})
     assert (config.clustering, config.ci_normalisation) == ("paper", "reference")  # defaults: paper
     with pytest.raises(SystemExit):
         build_train_parser().parse_args([*base, "--clustering", "authors"])
