@@ -113,6 +113,7 @@ def test_config_rejects_unknown_modes_naming_the_flag():
 
 
 def test_fidelity_flags_reach_the_config_and_override_a_preset():
+    from cribo.errors import UsageError
     from train import build_train_parser
 
     base = ["--data", "d", "--batch-size", "2", "--max-steps", "3", "--output-dir", "o"]
@@ -123,5 +124,5 @@ def test_fidelity_flags_reach_the_config_and_override_a_preset():
                                                  "reference"]))
     config = config_from_preset(args.pop("preset"), **{k: v for k, v in args.items() if k not in ("crash_at_step", "debug")})
     assert (config.clustering, config.ci_normalisation) == ("paper", "reference")  # defaults: paper
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--clustering: invalid choice: 'authors'"):
         build_train_parser().parse_args([*base, "--clustering", "authors"])
