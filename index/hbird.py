@@ -47,7 +47,8 @@ from index.features import IMAGENET_MEAN, IMAGENET_STD
 from index.labels import patch_class_histograms
 from index.matching import METRICS
 from index.metrics import SCORED_CLASSES
-from index.protocol import backbone_meta, plan_runs, run_support_ids, score_confusion, summarise_ratios
+from index.protocol import (backbone_meta, plan_runs, record_run, run_support_ids, score_confusion,
+                            summarise_ratios)
 from index.report import log_event, write_reports
 from index.store import IndexParams, SupportIndex
 from index.support_lists import SupportList
@@ -405,21 +406,9 @@ def run_hbird(
         forward_s += mem_forward_s
         for key in tot:
             tot[key] += tm[key]
-        e = per_ratio.setdefault(str(r), {"miou": [], "seeds": [], "support_ids": [], "pixel_accuracy": [],
-                                          "per_class_iou": [], "num_support_images": len(ids),
-                                          "num_support_patches": [], "timing": dict.fromkeys(tot, 0.0)})
-        e["miou"].append(miou)
-        if metric != "identity":  # the unmatched score beside it, for comparison
-            e.setdefault("miou_identity", []).append(score_confusion(conf, "identity", score_classes)[0])
-        e["seeds"].append(seed)
-        e["support_ids"].append(ids)
-        e["pixel_accuracy"].append(acc)
-        e["per_class_iou"].append([None if np.isnan(v) else float(v) for v in iou])
-        e["num_support_patches"].append(int(index.ntotal))
-        if listed is not None:
-            e.setdefault("support_lists", []).append(listed.name)
-        for key in tm:
-            e["timing"][key] += tm[key]
+        record_run(per_ratio, r, seed=seed, ids=ids, conf=conf, scores=(miou, acc, iou), metric=metric,
+                   score_classes=score_classes, num_support_patches=int(index.ntotal), listed=listed,
+                   timing={key: tm[key] for key in tot})
         bar.set_postfix(ratio=f"1/{r}", seed=seed, miou=f"{miou:.1f}")
         log("run", ratio=r, seed=seed, **({} if listed is None else {"support_list": listed.name}),
             miou=round(miou, 3), pixel_accuracy=round(acc, 3), support_images=len(ids),

@@ -174,6 +174,30 @@ def score_confusion(conf: np.ndarray, metric: str = "identity",
             100.0 * iou_per_class(conf))
 
 
+def record_run(per_ratio: dict[str, dict[str, Any]], ratio: int, *, seed: int, ids: list[str], conf: np.ndarray,
+               scores: tuple[float, float, np.ndarray], metric: str, score_classes: str,
+               num_support_patches: int, listed: SupportList | None, timing: dict[str, float]) -> None:
+    """Append one run (ratio, seed) to its ratio's entry of ``per_ratio`` (created on first use): the
+    ``scores`` of :func:`score_confusion`, the unmatched mIoU beside a matched one, the support ids and
+    list, and the run's ``timing`` added to the ratio's. Shared by both protocols."""
+    miou, acc, iou = scores
+    e = per_ratio.setdefault(str(ratio), {"miou": [], "seeds": [], "support_ids": [], "pixel_accuracy": [],
+                                          "per_class_iou": [], "num_support_images": len(ids),
+                                          "num_support_patches": [], "timing": dict.fromkeys(timing, 0.0)})
+    e["miou"].append(miou)
+    if metric != "identity":  # the unmatched score beside it, for comparison
+        e.setdefault("miou_identity", []).append(score_confusion(conf, "identity", score_classes)[0])
+    e["seeds"].append(seed)
+    e["support_ids"].append(ids)
+    e["pixel_accuracy"].append(acc)
+    e["per_class_iou"].append(_nan_to_none(iou))
+    e["num_support_patches"].append(num_support_patches)
+    if listed is not None:
+        e.setdefault("support_lists", []).append(listed.name)
+    for key in timing:
+        e["timing"][key] += timing[key]
+
+
 def summarise_ratios(per_ratio: dict[str, dict[str, Any]], num_classes: int) -> dict[str, list[float | None]]:
     """Adds ``mean``, ``std`` (ddof 0) and ``pixel_accuracy_mean`` to every ratio entry of ``per_ratio``;
     returns the per-class IoU averaged over each ratio's seeds (NaN-aware, None where never present)."""
@@ -373,21 +397,8 @@ def run_protocol(
         for key in tot:
             tot[key] += tm[key]
 
-        e = per_ratio.setdefault(str(r), {"miou": [], "seeds": [], "support_ids": [], "pixel_accuracy": [],
-                                          "per_class_iou": [], "num_support_images": len(ids),
-                                          "num_support_patches": [], "timing": dict.fromkeys(tm, 0.0)})
-        e["miou"].append(miou)
-        if metric != "identity":  # the unmatched score beside it, for comparison
-            e.setdefault("miou_identity", []).append(score_confusion(conf, "identity", score_classes)[0])
-        e["seeds"].append(seed)
-        e["support_ids"].append(ids)
-        e["pixel_accuracy"].append(acc)
-        e["per_class_iou"].append(_nan_to_none(iou))
-        e["num_support_patches"].append(int(rows.size))
-        if listed is not None:
-            e.setdefault("support_lists", []).append(listed.name)
-        for key in tm:
-            e["timing"][key] += tm[key]
+        record_run(per_ratio, r, seed=seed, ids=ids, conf=conf, scores=(miou, acc, iou), metric=metric,
+                   score_classes=score_classes, num_support_patches=int(rows.size), listed=listed, timing=tm)
         bar.set_postfix(ratio=f"1/{r}", seed=seed, miou=f"{miou:.1f}")
         log("run", ratio=r, seed=seed, **({} if listed is None else {"support_list": listed.name}),
             miou=round(miou, 3), pixel_accuracy=round(acc, 3),

@@ -23,13 +23,7 @@ TINY = dict(arch="vit_tiny_patch16_224", img_size=64, out_dim=64, head_hidden_di
             num_clusters=4, bank_images=8, precision="fp32", num_workers=0, progress=False, lr=1e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_images(root: Path, n: int = 8, seed: int = 0) -> Path:

@@ -28,12 +28,7 @@ from index.probe import RetrievalProbe, patch_nn_rates
 from tests.test_engine import tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def normalised(rgb01: torch.Tensor) -> torch.Tensor:

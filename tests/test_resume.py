@@ -25,13 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 6  # 8 images / batch 2 = 4 steps per epoch: the runs cross an epoch boundary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread here and in the subprocesses (OMP_NUM_THREADS=1): same kernels everywhere."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
