@@ -45,9 +45,7 @@ from cribo import dist
 from cribo.precision import autocast, resolve_precision
 from index.features import IMAGENET_MEAN, IMAGENET_STD
 from index.labels import patch_class_histograms
-from index.matching import METRICS
-from index.metrics import SCORED_CLASSES
-from index.protocol import (backbone_meta, plan_runs, record_run, run_support_ids, score_confusion,
+from index.protocol import (backbone_meta, check_run_arguments, plan_runs, record_run, run_support_ids, score_confusion,
                             summarise_ratios)
 from index.report import log_event, write_reports
 from index.store import IndexParams, SupportIndex
@@ -358,14 +356,7 @@ def run_hbird(
         raise ValueError("--protocol hbird runs in one process: its memory is rebuilt per run; launch it with python, "
                          "not torchrun (the cribo protocol shards over ranks)")
     runs = plan_runs(ratios, seeds, support_lists)
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}: choose one of {METRICS}")
-    if score_classes not in SCORED_CLASSES:
-        raise ValueError(f"unknown score_classes {score_classes!r}: choose one of {SCORED_CLASSES}")
-    check_k(k, np.iinfo(np.int64).max)
-    if list(train_ds.class_names) != list(val_ds.class_names):
-        raise ValueError(f"support split {train_ds.split!r} and query split {val_ds.split!r} have different "
-                         "class names: both must come from the same dataset")
+    check_run_arguments(train_ds, val_ds, k=k, metric=metric, score_classes=score_classes)
     log = log or (lambda event, **fields: None)
     C = len(train_ds.class_names)
     resolved = resolve_precision(precision, device)

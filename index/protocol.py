@@ -174,6 +174,18 @@ def score_confusion(conf: np.ndarray, metric: str = "identity",
             100.0 * iou_per_class(conf))
 
 
+def check_run_arguments(train_ds: Any, val_ds: Any, *, k: int, metric: str, score_classes: str) -> None:
+    """The checks both protocols make before any work: metric, scored classes, k, one label set."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: choose one of {METRICS}")
+    if score_classes not in SCORED_CLASSES:
+        raise ValueError(f"unknown score_classes {score_classes!r}: choose one of {SCORED_CLASSES}")
+    check_k(k, np.iinfo(np.int64).max)
+    if list(train_ds.class_names) != list(val_ds.class_names):
+        raise ValueError(f"support split {train_ds.split!r} and query split {val_ds.split!r} have different "
+                         "class names: both must come from the same dataset")
+
+
 def record_run(per_ratio: dict[str, dict[str, Any]], ratio: int, *, seed: int, ids: list[str], conf: np.ndarray,
                scores: tuple[float, float, np.ndarray], metric: str, score_classes: str,
                num_support_patches: int, listed: SupportList | None, timing: dict[str, float]) -> None:
@@ -322,14 +334,7 @@ def run_protocol(
         raise ValueError(f"unknown level {level!r}: choose one of {LEVELS}")
     if index_kind not in SEARCH_KINDS:
         raise ValueError(f"unknown index kind {index_kind!r}: choose one of {SEARCH_KINDS}")
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}: choose one of {METRICS}")
-    if score_classes not in SCORED_CLASSES:
-        raise ValueError(f"unknown score_classes {score_classes!r}: choose one of {SCORED_CLASSES}")
-    check_k(k, np.iinfo(np.int64).max)
-    if list(train_ds.class_names) != list(val_ds.class_names):
-        raise ValueError(f"support split {train_ds.split!r} and query split {val_ds.split!r} have different "
-                         "class names: both must come from the same dataset")
+    check_run_arguments(train_ds, val_ds, k=k, metric=metric, score_classes=score_classes)
     if not dist.is_main():  # under torchrun every rank computes, rank 0 reports
         progress, log, out = False, None, None
     log = log or (lambda event, **fields: None)
