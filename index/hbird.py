@@ -45,8 +45,8 @@ from cribo import dist
 from cribo.precision import autocast, resolve_precision
 from index.features import IMAGENET_MEAN, IMAGENET_STD
 from index.labels import patch_class_histograms
-from index.protocol import (backbone_meta, check_run_arguments, plan_runs, record_run, run_support_ids, score_confusion,
-                            summarise_ratios)
+from index.protocol import (backbone_meta, check_run_arguments, dataset_meta, plan_runs, record_run,
+                            run_support_ids, score_confusion, summarise_ratios)
 from index.report import log_event, write_reports
 from index.store import IndexParams, SupportIndex
 from index.support_lists import SupportList
@@ -409,10 +409,7 @@ def run_hbird(
     results = {
         "ratios": per_ratio,
         "backbone": backbone_meta(backbone),
-        "dataset": {"kind": train_ds.kind, "name": getattr(train_ds, "name", train_ds.kind),
-                    "root": str(train_ds.root), "train_split": train_ds.split, "val_split": val_ds.split,
-                    "num_train_images": len(train_ds.ids), "num_val_images": len(val_ds.ids),
-                    "train_fingerprint": train_ds.fingerprint(), "val_fingerprint": val_ds.fingerprint()},
+        "dataset": dataset_meta(train_ds, val_ds),
         "k": int(k), "index": index_kind, "index_params": asdict(index_params or IndexParams()),
         "vote": "soft", "level": "pixel", "protocol": "hbird", "hbird": options.describe(),
         "metric": metric, "score_classes": score_classes, "class_names": list(train_ds.class_names),

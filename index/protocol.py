@@ -174,6 +174,14 @@ def score_confusion(conf: np.ndarray, metric: str = "identity",
             100.0 * iou_per_class(conf))
 
 
+def dataset_meta(train_ds: Any, val_ds: Any) -> dict[str, Any]:
+    """The ``dataset`` entry of a results dict: kind, name, root, splits, sizes, fingerprints."""
+    return {"kind": train_ds.kind, "name": getattr(train_ds, "name", train_ds.kind), "root": str(train_ds.root),
+            "train_split": train_ds.split, "val_split": val_ds.split, "num_train_images": len(train_ds.ids),
+            "num_val_images": len(val_ds.ids), "train_fingerprint": train_ds.fingerprint(),
+            "val_fingerprint": val_ds.fingerprint()}
+
+
 def check_run_arguments(train_ds: Any, val_ds: Any, *, k: int, metric: str, score_classes: str) -> None:
     """The checks both protocols make before any work: metric, scored classes, k, one label set."""
     if metric not in METRICS:
@@ -416,10 +424,7 @@ def run_protocol(
     results = {
         "ratios": per_ratio,
         "backbone": backbone_meta(backbone),
-        "dataset": {"kind": train_ds.kind, "name": getattr(train_ds, "name", train_ds.kind),
-                    "root": str(train_ds.root), "train_split": train_ds.split, "val_split": val_ds.split,
-                    "num_train_images": len(train_ds.ids), "num_val_images": len(val_ds.ids),
-                    "train_fingerprint": train_ds.fingerprint(), "val_fingerprint": val_ds.fingerprint()},
+        "dataset": dataset_meta(train_ds, val_ds),
         "k": int(k), "index": index_kind, "index_params": asdict(index_params or IndexParams()),
         "vote": vote, "level": level, "protocol": "cribo", "metric": metric, "score_classes": score_classes,
         "class_names": list(train_ds.class_names),
