@@ -684,6 +684,7 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
     try:
         if start == 0 and config.eval_every:
             evaluate(0)
+            step_t0 = time.perf_counter()  # evaluation time is not step time
         while it < end:
             epoch = it // epoch_steps
             sampler.set_position(epoch, (it % epoch_steps) * config.batch_size)
@@ -708,6 +709,7 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
                     step_time = 0.0
                 if config.eval_every and (it % config.eval_every == 0 or it == end):
                     evaluate(it)
+                    step_t0 = time.perf_counter()
                 if it % config.ckpt_every == 0 or it == end:
                     save(it)
                 if crash_at_step is not None and it == crash_at_step:
