@@ -2,18 +2,32 @@
 
 ``--index ivfpq``. At VOC train_aug 1/1 (about 7.5M support patches) or ADE20K training 1/1 (about
 27M), the float16 features (5.8 GB / 21 GB at D = 384) stay in the memory-mapped feature cache on
-disk; RAM holds only the product-quantised codes (``pq_m`` bytes per patch: 48 by default, 0.36 GB /
-1.3 GB) and the IVF lists. A search takes the ``k x rerank`` best candidates of the IVF-PQ index
-(``nprobe`` lists visited), reads their float16 rows from the memory map and keeps the ``k`` best
-by exact inner product, ``query_chunk`` queries at a time (bounded memory whatever the query count).
+disk; RAM holds only the product-quantised codes (``pq_m`` bytes per patch: 48 by default at
+D = 384, 0.36 GB / 1.3 GB) and the IVF lists. A search takes the ``k x rerank`` best
+candidates of the IVF-PQ index (``nprobe`` lists visited), reads their float16 rows from the memory
+map and keeps the ``k`` best by exact inner product, ``query_chunk`` queries at a time (bounded
+memory whatever the query count).
 
-Memory plan (RAM, D = 384, defaults): codes ``n x pq_m`` bytes + ids ``8 n`` bytes + the page cache
-of the re-ranked rows (the OS evicts it under pressure) + one query chunk of candidates
-``query_chunk x k x rerank x D x 4`` bytes (512 x 50 x 4 x 384 x 4 = 157 MB). VOC 1/1: about 0.6 GB;
-ADE20K 1/1: about 1.8 GB, far within 24 GB.
+Cost (one thread; ``n`` support patches, D dimensions):
+
+- build: k-means of ``nlist`` centroids on ``train_size`` sampled rows (``kmeans_iters`` passes),
+  then every row is assigned to its list (``n x nlist x D`` multiply-adds with the flat coarse
+  quantizer, the dominant term: ``nlist`` defaults to ``sqrt(n) / 2``, at most 4096, so that this
+  stays minutes at 27M rows) and PQ-encoded. ``pq_bits = 4`` (default from 1M support patches on)
+  is FAISS's fast-scan PQ (16 centroids per sub-quantiser, SIMD lookups: scanning is about 12x
+  cheaper than 8-bit PQ at the same bytes per patch, 0.35 vs 4.4 ms per query at 1M patches,
+  nprobe 16); ``pq_bits = 8`` is the classic IVF-PQ.
+- search: ``nlist x D`` for the coarse quantizer, ``n x nprobe / nlist`` codes scanned, ``k x rerank``
+  float16 rows read from the memory map and multiplied (exact), versus ``n x D`` for exact search.
+
+Memory plan (RAM, D = 384, defaults): codes ``n x pq_m`` bytes + ids ``8 n`` bytes +
+the page cache of the re-ranked rows (the OS evicts it under pressure) + one query chunk of
+candidates ``query_chunk x k x rerank x D x 4`` bytes (512 x 50 x 4 x 384 x 4 = 157 MB). VOC 1/1:
+about 0.6 GB; ADE20K 1/1: about 1.8 GB, far within 24 GB.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,27 +35,66 @@ import faiss
 import numpy as np
 import torch
 
-from index.store import default_nlist
 from index.transfer import check_k
 
-__all__ = ["RerankParams", "RerankedIndex"]
+__all__ = ["FAST_SCAN_MIN_ROWS", "RerankParams", "RerankedIndex", "default_ivfpq_nlist", "exact_rerank"]
 
 _ADD_CHUNK = 65536  # rows converted to float32 and added at a time
+MAX_DEFAULT_NLIST = 4096  # the flat coarse assignment costs n x nlist x D at build time
+FAST_SCAN_MIN_ROWS = 1_000_000  # pq_bits=None: 4-bit fast-scan codes from this many support patches on
+
+
+def default_ivfpq_nlist(n: int) -> int:
+    """``round(sqrt(n) / 2)`` clamped to ``[1, min(4096, n // 39)]``: 1369 lists at 7.5M rows, 2598 at 27M.
+
+    Fewer lists than ``index.store.default_nlist`` (``4 sqrt(n)``): the build's coarse assignment is
+    ``n x nlist x D`` (8x less), and longer lists are cheap to scan with fast-scan PQ codes."""
+    return max(1, min(int(round(math.sqrt(n) / 2)), MAX_DEFAULT_NLIST, n // 39))
 
 
 @dataclass(frozen=True)
 class RerankParams:
-    """nlist: IVF lists (None: ``4 sqrt(n)``, at most ``n // 39``). pq_m: PQ sub-quantisers (bytes per
-    patch; must divide D). nprobe: lists visited. rerank: candidates per neighbour re-ranked exactly.
-    train_size: k-means sample (None: ``min(n, 64 nlist)``). query_chunk: queries per step."""
+    """nlist: IVF lists (None: :func:`default_ivfpq_nlist`). pq_m: bytes of PQ code per patch (None:
+    ``D / 8``, 48 at D = 384): ``pq_m`` 8-bit sub-quantisers or ``2 pq_m`` 4-bit ones, which must
+    divide D. pq_bits: 4 (fast-scan PQ), 8 (classic PQ) or None: 4 from :data:`FAST_SCAN_MIN_ROWS`
+    support patches on (where the code scan dominates the search), else 8 (better candidates at
+    the same bytes, and the scan is cheap anyway). nprobe: lists visited. rerank: candidates per neighbour
+    re-ranked exactly. train_size: k-means sample (None: ``min(n, 64 nlist)``). kmeans_iters: k-means
+    passes over the sample. query_chunk: queries per step."""
 
     nlist: int | None = None
-    pq_m: int = 48
+    pq_m: int | None = None
     nprobe: int = 32
     rerank: int = 4
     train_size: int | None = None
     query_chunk: int = 512
     seed: int = 0
+    pq_bits: int | None = None
+    kmeans_iters: int = 10
+
+
+def exact_rerank(features: np.ndarray, rows: np.ndarray, cand: np.ndarray, q: np.ndarray, k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's candidates by exact inner product.
+
+    ``features (N, D)`` (float16 memmap or array), ``rows (n,)`` support position -> feature row,
+    ``cand (b, c)`` support positions (-1: none), ``q (b, D)`` float32. Returns ``(D (b, k) float32,
+    I (b, k) int64)`` best first, ties broken by candidate order; ``-inf`` / ``-1`` where fewer than
+    ``k`` candidates. Each distinct feature row is read once, in file order."""
+    b, c = cand.shape
+    valid = cand >= 0
+    wanted, inverse = np.unique(rows[np.where(valid, cand, 0)], return_inverse=True)
+    vecs = torch.from_numpy(np.ascontiguousarray(features[wanted])).float()  # (m, D)
+    gathered = vecs[torch.from_numpy(inverse.reshape(b, c))]  # (b, c, D)
+    sims = torch.bmm(gathered, torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))[:, :, None])[..., 0]
+    sims = torch.where(torch.from_numpy(valid), sims, torch.tensor(-np.inf)).numpy()  # (b, c)
+    kk = min(k, c)
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
+    out_d = np.full((b, k), -np.inf, dtype=np.float32)
+    out_i = np.full((b, k), -1, dtype=np.int64)
+    out_d[:, :kk] = np.take_along_axis(sims, top, axis=1)
+    out_i[:, :kk] = np.where(np.isfinite(out_d[:, :kk]), np.take_along_axis(cand, top, axis=1), -1)
+    return out_d, out_i
 
 
 class RerankedIndex:
@@ -57,17 +110,31 @@ class RerankedIndex:
         if labels.shape != rows.shape:
             raise ValueError(f"labels must have shape {rows.shape} (one per support row), got {labels.shape}")
         n, D = rows.size, int(features.shape[1])
-        if D % params.pq_m:
-            raise ValueError(f"pq_m={params.pq_m} must divide the feature dimension {D} (e.g. {D // 8})")
-        if params.rerank < 1 or params.query_chunk < 1:
-            raise ValueError(f"rerank and query_chunk must be >= 1, got {params.rerank}, {params.query_chunk}")
-        nlist = params.nlist or default_nlist(n)
+        bits = params.pq_bits or (4 if n >= FAST_SCAN_MIN_ROWS else 8)
+        if bits not in (4, 8):
+            raise ValueError(f"pq_bits must be 4 (fast-scan PQ), 8 or None, got {params.pq_bits}")
+        pq_m = params.pq_m or max(1, D // 8)
+        if D % pq_m:
+            raise ValueError(f"pq_m={pq_m} must divide the feature dimension {D} (e.g. {D // 8})")
+        subq = pq_m * 8 // bits  # sub-quantisers
+        if D % subq:
+            raise ValueError(f"pq_m={pq_m} bytes of 4-bit codes are {subq} sub-quantisers, which must divide "
+                             f"the feature dimension {D}: use pq_bits=8 or another pq_m")
+        if params.rerank < 1 or params.query_chunk < 1 or params.kmeans_iters < 1:
+            raise ValueError("rerank, query_chunk and kmeans_iters must be >= 1, got "
+                             f"{params.rerank}, {params.query_chunk}, {params.kmeans_iters}")
+        nlist = params.nlist or default_ivfpq_nlist(n)
         if n < 39 * nlist or n < 256:
             raise ValueError(f"{n} support patches are too few for IVF-PQ with {nlist} lists (needs >= 39 per "
                              "list and >= 256 for the PQ codebooks): use --index flat")
         self.features, self.rows, self.labels, self.params = features, rows, labels.astype(np.int64), params
-        self.index = faiss.index_factory(D, f"IVF{nlist},PQ{params.pq_m}", faiss.METRIC_INNER_PRODUCT)
-        self.index.do_polysemous_training = False  # Hamming filtering is unused here; its training costs minutes
+        self.pq_m, self.pq_bits = pq_m, bits
+        codes = f"PQ{subq}x4fs" if bits == 4 else f"PQ{subq}"
+        self.index = faiss.index_factory(D, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.niter = params.kmeans_iters
+        self.index.by_residual = True  # codes of x - centroid: fast-scan's factory default (False) halves recall
+        if bits == 8:
+            self.index.do_polysemous_training = False  # Hamming filtering is unused here; its training costs minutes
         size = min(n, params.train_size or 64 * nlist)
         sample = np.sort(np.random.default_rng(params.seed).choice(n, size=size, replace=False))
         self.index.train(np.ascontiguousarray(features[rows[sample]], dtype=np.float32))
@@ -81,9 +148,10 @@ class RerankedIndex:
         return int(self.rows.size)
 
     def memory_bytes(self) -> int:
-        """RAM of the compressed index: PQ codes and ids in the inverted lists, plus the centroids."""
+        """RAM of the compressed index: PQ codes and ids in the inverted lists, plus the centroids and
+        the PQ codebooks."""
         n, D = self.ntotal, int(self.features.shape[1])
-        return n * (self.params.pq_m + 8) + self.index.nlist * D * 4 + 256 * D * 4
+        return n * (self.pq_m + 8) + self.index.nlist * D * 4 + (1 << self.pq_bits) * D * 4
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(D (nq, k) float32 exact similarities, I (nq, k) int64 support positions)``, best first."""
@@ -95,15 +163,5 @@ class RerankedIndex:
         for s in range(0, nq, self.params.query_chunk):
             q = np.ascontiguousarray(xq[s:s + self.params.query_chunk], dtype=np.float32)  # (b, D)
             _, cand = self.index.search(q, kr)  # (b, kr) support positions, -1 where fewer found
-            valid = cand >= 0
-            # each distinct candidate row read once, in file order (sequential-ish reads of the memmap),
-            # converted to float32 by torch (numpy's float16 conversion is several times slower)
-            wanted, inverse = np.unique(self.rows[np.where(valid, cand, 0)], return_inverse=True)
-            vecs = torch.from_numpy(np.ascontiguousarray(self.features[wanted])).float().numpy()  # (m, D)
-            sims = np.einsum("bkd,bd->bk", vecs[inverse.reshape(q.shape[0], kr)], q)  # (b, kr)
-            sims = np.where(valid, sims, -np.inf)
-            top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-            out_d[s:s + q.shape[0]] = np.take_along_axis(sims, top, axis=1)
-            out_i[s:s + q.shape[0]] = np.where(np.isfinite(out_d[s:s + q.shape[0]]),
-                                               np.take_along_axis(cand, top, axis=1), -1)
+            out_d[s:s + q.shape[0]], out_i[s:s + q.shape[0]] = exact_rerank(self.features, self.rows, cand, q, k)
         return out_d, out_i
