@@ -52,6 +52,25 @@ def test_exact_rerank_fewer_candidates_than_k():
     np.testing.assert_array_equal(D, np.array([[1, 0, -np.inf, -np.inf]], np.float32))
 
 
+@pytest.mark.parametrize("block,dense", [(64, 32), (64, 1), (7, 32), (100000, 32)])
+def test_exact_rerank_blocks_dense_and_sparse(data, monkeypatch, block, dense):
+    """Same answer whatever the block size and the sequential / gathered choice (brute force reference)."""
+    import index.reranked as rr
+    monkeypatch.setattr(rr, "RERANK_BLOCK", block)
+    monkeypatch.setattr(rr, "DENSE_SPAN", dense)
+    monkeypatch.setattr(rr, "PAIR_CHUNK", 5)
+    rng = np.random.default_rng(2)
+    rows = rng.permutation(4000)[:3000]
+    cand = rng.integers(-1, 3000, (20, 30))
+    q = np.asarray(data[rng.integers(0, 4000, 20)], np.float32)
+    D, I = exact_rerank(data, rows, cand, q, 10)
+    full = np.einsum("qcd,qd->qc", np.asarray(data, np.float32)[rows[np.maximum(cand, 0)]], q)
+    full[cand < 0] = -np.inf
+    top = np.argsort(-full, axis=1, kind="stable")[:, :10]
+    np.testing.assert_allclose(D, np.take_along_axis(full, top, 1), atol=1e-5)
+    np.testing.assert_array_equal(np.sort(I, 1), np.sort(np.take_along_axis(cand, top, 1), 1))
+
+
 def _exact(features, rows, xq, k):
     ref = faiss.IndexFlatIP(features.shape[1])
     ref.add(np.asarray(features[rows], np.float32))
