@@ -10,6 +10,19 @@ weights do not change the cost.
 
     python bench/bench_eval_overhead.py --root ../shared/data/voc-mini              # all 311 + 321 images
     python bench/bench_eval_overhead.py --images 64                                  # a quick look on a busy CPU
+
+VOC-LIKE 1/128 FROM CACHED FEATURES (``--from-caches TRAIN VAL``): voc-mini at 1/128 keeps 2 of its
+311 training images, so its search is far cheaper per query than full VOC's (83 of 10,582). This
+mode takes the two feature caches an earlier run wrote (no extraction), draws ``--support-images``
+(83 = VOC train_aug / 128) training images per seed, and times, in CPU seconds of this one thread,
+index build, search, vote (majority, k) and metric over every labelled validation patch, against
+the CPU seconds of the bare forward of ``--forward-images`` validation images at the protocol
+resolution (same backbone and precision as the caches). Printed: the ratio (search + vote + metric)
+/ forward of the cached run itself and scaled to VOC (1,449 val + 83 support images forwarded, the
+search cost per val image as measured):
+
+    python bench/bench_eval_overhead.py --from-caches CACHE/<train key> CACHE/<val key> --seeds 1
+    python bench/bench_eval_overhead.py --from-caches ... --index ivfpq --pq-bits 4
 """
 from __future__ import annotations
 
@@ -24,13 +37,91 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the repository's packages first
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_feature_throughput import bare_forward_seconds, preload_batches, subset, warm_up  # noqa: E402
 from cribo.backbones import load_backbone  # noqa: E402
 from cribo.precision import resolve_precision  # noqa: E402
 from index.datasets import open_dataset  # noqa: E402
-from index.protocol import run_protocol  # noqa: E402
+from index.metrics import confusion_matrix, mean_iou  # noqa: E402
+from index.protocol import _predict, run_protocol  # noqa: E402
+from index.reranked import RerankedIndex, RerankParams  # noqa: E402
+from index.search import build_search_index  # noqa: E402
+from index.store import IndexParams  # noqa: E402
+
+
+def _cache(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    meta = json.loads((path / "meta.json").read_text())
+    return np.load(path / "features.npy", mmap_mode="r"), np.load(path / "labels.npy").astype(np.int64), meta
+
+
+def from_caches(args: argparse.Namespace) -> None:
+    """The VOC-like 1/128 overhead from two cached feature sets (module docstring)."""
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    (ftr, ltr, mtr), (fva, lva, mva) = _cache(args.from_caches[0]), _cache(args.from_caches[1])
+    name = mtr["backbone"].split(":")
+    if name[0] != "random" or mva["backbone"] != mtr["backbone"]:
+        raise SystemExit(f"--from-caches needs two caches of one random-init backbone, got {mtr['backbone']!r}, "
+                         f"{mva['backbone']!r}")
+    backbone = load_backbone(name[1], random_init=True, seed=int(name[2].removeprefix("seed")), device="cpu")
+    precision = mva["precision"]
+    val = subset(open_dataset("voc", args.root, "val"), args.forward_images)
+    batches = preload_batches(backbone, val, args.batch_size)
+    warm_up(backbone, batches, "cpu", precision)
+    c0 = time.process_time()
+    bare_forward_seconds(backbone, batches, "cpu", precision)
+    fwd_per_image = (time.process_time() - c0) / len(val.ids)
+    del batches, backbone
+
+    C = len(mtr["class_names"])
+    otr = np.asarray(mtr["offsets"], np.int64)
+    qrows = np.nonzero(lva >= 0)[0]
+    gt = lva[qrows]
+    cpu = dict(index_build=0.0, search_vote=0.0, metric=0.0)
+    wall = dict(search=0.0, vote=0.0)
+    mious, support_patches = [], []
+    for seed in range(args.seeds):
+        images = np.sort(np.random.default_rng(seed).choice(len(otr) - 1, args.support_images, replace=False))
+        rows = np.concatenate([np.arange(otr[i], otr[i + 1]) for i in images])
+        rows = rows[ltr[rows] >= 0]
+        support_patches.append(int(rows.size))
+        c0 = time.process_time()
+        if args.index == "ivfpq":
+            index = RerankedIndex(ftr, rows, ltr[rows], RerankParams(nprobe=args.nprobe, pq_bits=args.pq_bits,
+                                                                     seed=seed))
+        else:
+            index = build_search_index(ftr, rows, ltr[rows], args.index, params=IndexParams(seed=seed))
+        c1 = time.process_time()
+        pred, search_s, vote_s = _predict(index, fva, qrows, args.k, C, "majority")
+        c2 = time.process_time()
+        mious.append(100 * mean_iou(confusion_matrix(pred, gt, C)))
+        c3 = time.process_time()
+        cpu["index_build"] += c1 - c0
+        cpu["search_vote"] += c2 - c1
+        cpu["metric"] += c3 - c2
+        wall["search"] += search_s
+        wall["vote"] += vote_s
+    n_val = len(mva["offsets"]) - 1
+    per_run = {key: v / args.seeds for key, v in cpu.items()}
+    svm = per_run["search_vote"] + per_run["metric"]
+    own = svm / (fwd_per_image * (n_val + args.support_images))
+    voc = svm / n_val * args.voc_val_images / (fwd_per_image * (args.voc_val_images + args.support_images))
+    print(json.dumps({
+        "bench": "eval_overhead_from_caches", "backbone": mtr["backbone"], "precision": precision,
+        "index": args.index, "pq_bits": args.pq_bits if args.index == "ivfpq" else None, "k": args.k,
+        "seeds": args.seeds, "support_images": args.support_images, "support_patches": support_patches,
+        "val_images": n_val, "query_patches": int(qrows.size),
+        "forward_cpu_s_per_image": round(fwd_per_image, 3), "forward_images_timed": len(val.ids),
+        "cpu_s_per_run": {key: round(v, 2) for key, v in per_run.items()},
+        "wall_s_per_run": {key: round(v / args.seeds, 2) for key, v in wall.items()},
+        "miou_mean": round(float(np.mean(mious)), 2),
+        "overhead_own": round(own, 4), "overhead_voc_scaled": round(voc, 4), "goal": "<= 0.25",
+    }))
+    print(f"search + vote + metric = {100 * voc:.0f}% of the forward at VOC-like 1/128 ({args.index}; "
+          f"{100 * own:.0f}% for {n_val} val images) -- goal <= 25%")
 
 
 def main() -> None:
@@ -45,7 +136,17 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--from-caches", nargs=2, type=Path, metavar=("TRAIN_CACHE", "VAL_CACHE"),
+                   help="VOC-like 1/128 from two cached feature sets (see the module docstring)")
+    p.add_argument("--support-images", type=int, default=83, help="--from-caches: 10,582 / 128")
+    p.add_argument("--voc-val-images", type=int, default=1449, help="--from-caches: VOC val size")
+    p.add_argument("--forward-images", type=int, default=16, help="--from-caches: val images forwarded")
+    p.add_argument("--index", default="flat", help="--from-caches: flat, ivf, hnsw or ivfpq")
+    p.add_argument("--nprobe", type=int, default=32, help="--from-caches --index ivfpq")
+    p.add_argument("--pq-bits", type=int, default=None, choices=(4, 8), help="--from-caches --index ivfpq")
     args = p.parse_args()
+    if args.from_caches:
+        return from_caches(args)
 
     precision = resolve_precision(args.precision, args.device)
     backbone = load_backbone(args.backbone, random_init=True, seed=0, device=args.device)
