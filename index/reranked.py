@@ -106,7 +106,7 @@ def exact_rerank(features: np.ndarray, rows: np.ndarray, cand: np.ndarray, q: np
         lo, hi = int(rs[0]), int(rs[-1]) + 1
         distinct = np.unique(rs)
         if hi - lo <= DENSE_SPAN * distinct.size:  # dense: one sequential read of the span
-            got, where = torch.from_numpy(np.ascontiguousarray(features[lo:hi])), rs - lo
+            got, where = torch.from_numpy(np.array(features[lo:hi])), rs - lo  # a writable copy
         else:
             got, where = torch.from_numpy(np.ascontiguousarray(features[distinct])), np.searchsorted(distinct, rs)
         for s in range(p0, p1, PAIR_CHUNK):  # bounded float32 working set whatever the query count
