@@ -93,7 +93,8 @@ def from_caches(args: argparse.Namespace) -> None:
             index = RerankedIndex(ftr, rows, ltr[rows], RerankParams(nprobe=args.nprobe, pq_bits=args.pq_bits,
                                                                      seed=seed))
         else:
-            index = build_search_index(ftr, rows, ltr[rows], args.index, params=IndexParams(seed=seed))
+            index = build_search_index(ftr, rows, ltr[rows], args.index,
+                                       params=IndexParams(seed=seed, nprobe=args.nprobe, ef_search=args.ef_search))
         c1 = time.process_time()
         pred, search_s, vote_s = _predict(index, fva, qrows, args.k, C, "majority")
         c2 = time.process_time()
@@ -111,7 +112,8 @@ def from_caches(args: argparse.Namespace) -> None:
     voc = svm / n_val * args.voc_val_images / (fwd_per_image * (args.voc_val_images + args.support_images))
     print(json.dumps({
         "bench": "eval_overhead_from_caches", "backbone": mtr["backbone"], "precision": precision,
-        "index": args.index, "pq_bits": args.pq_bits if args.index == "ivfpq" else None, "k": args.k,
+        "index": args.index, "pq_bits": args.pq_bits if args.index == "ivfpq" else None, "nprobe": args.nprobe,
+        "ef_search": args.ef_search, "k": args.k,
         "seeds": args.seeds, "support_images": args.support_images, "support_patches": support_patches,
         "val_images": n_val, "query_patches": int(qrows.size),
         "forward_cpu_s_per_image": round(fwd_per_image, 3), "forward_images_timed": len(val.ids),
@@ -142,7 +144,8 @@ def main() -> None:
     p.add_argument("--voc-val-images", type=int, default=1449, help="--from-caches: VOC val size")
     p.add_argument("--forward-images", type=int, default=16, help="--from-caches: val images forwarded")
     p.add_argument("--index", default="flat", help="--from-caches: flat, ivf, hnsw or ivfpq")
-    p.add_argument("--nprobe", type=int, default=32, help="--from-caches --index ivfpq")
+    p.add_argument("--nprobe", type=int, default=32, help="--from-caches --index ivf / ivfpq")
+    p.add_argument("--ef-search", type=int, default=128, help="--from-caches --index hnsw")
     p.add_argument("--pq-bits", type=int, default=None, choices=(4, 8), help="--from-caches --index ivfpq")
     args = p.parse_args()
     if args.from_caches:
