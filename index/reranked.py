@@ -20,10 +20,11 @@ Cost (one thread; ``n`` support patches, D dimensions):
 - search: ``nlist x D`` for the coarse quantizer, ``n x nprobe / nlist`` codes scanned, ``k x rerank``
   float16 rows read from the memory map and multiplied (exact), versus ``n x D`` for exact search.
 
-Memory plan (RAM, D = 384, defaults): codes ``n x pq_m`` bytes + ids ``8 n`` bytes +
-the page cache of the re-ranked rows (the OS evicts it under pressure) + one query chunk of
-candidates ``query_chunk x k x rerank x D x 4`` bytes (512 x 50 x 4 x 384 x 4 = 157 MB). VOC 1/1:
-about 0.6 GB; ADE20K 1/1: about 1.8 GB, far within 24 GB.
+Memory plan (RAM, D = 384, defaults): codes ``n x pq_m`` bytes + ids ``8 n`` bytes + the page cache
+of the re-ranked rows (the OS evicts it under pressure) + per search call the positions and
+similarities of its ``nq x k x rerank`` (query, candidate) pairs (16,384 x 200 pairs: ~0.35 GB) +
+one re-ranking block (48 MB) + ``PAIR_CHUNK`` gathered float32 rows (100 MB). VOC 1/1: about 0.9 GB;
+ADE20K 1/1: about 2 GB, far within 24 GB (measured: docs/scale.md).
 """
 from __future__ import annotations
 
