@@ -75,7 +75,7 @@ class TrainConfig:
     use_cross_image: bool = True        # False: ablation without L_ci^o (Table 5 row 2)
     ci_normalisation: str = "paper"     # L_ci^o: paper (Z1, Z2) | reference (both by Z1): cribo.losses
     crop_scale: tuple[float, float] = (0.25, 1.0)
-    augment: str = "dino"               # view augmentations (cribo.transforms.AUGMENTATIONS): dino | texture
+    augment: str = "dino"               # view augmentations (cribo.transforms.AUGMENTATIONS): dino | texture | mild | colour
     # --- optimisation (DINO) ---------------------------------------------------------------------
     lr: float = 5e-4                    # base lr, scaled by global_batch / 256
     min_lr: float = 1e-5

@@ -65,11 +65,18 @@ VIEW2_AUG = ViewAugmentation(blur_p=0.1, solarize_p=0.2)
 #: photometric changes that keep a scene's class identity: brightness and contrast as DINO, saturation
 #: 0.2, a hue shift of at most 0.02 of the colour wheel (DINO's 0.1 moves a colour into a neighbouring
 #: colour family), grayscale 5 %, no solarisation (which inverts the bright half of a texture).
+#: "colour": "mild"'s blur and geometry, but a hue shift drawn over the whole colour wheel on every
+#: view (jitter always applied, hue up to 0.5), saturation 0.4, grayscale 20 %: the two views of an
+#: object disagree in colour, so matching them across views needs texture and shape. (The generated
+#: scenes' classes share colour families, so colour is a weak class cue there, and the cheapest one
+#: for the object losses to match.)
 _MILD = dict(hue=0.02, grayscale_p=0.05, solarize_p=0.0, blur_sigma=(0.1, 0.6))
+_COLOUR = dict(jitter_p=1.0, hue=0.5, saturation=0.4, grayscale_p=0.2, solarize_p=0.0, blur_sigma=(0.1, 0.6))
 AUGMENTATIONS: dict[str, tuple[ViewAugmentation, ViewAugmentation]] = {
     "dino": (VIEW1_AUG, VIEW2_AUG),
     "texture": (ViewAugmentation(blur_p=0.5, blur_sigma=(0.1, 0.6)), ViewAugmentation(blur_p=0.0, solarize_p=0.2)),
     "mild": (ViewAugmentation(blur_p=0.5, **_MILD), ViewAugmentation(blur_p=0.0, **_MILD)),
+    "colour": (ViewAugmentation(blur_p=0.5, **_COLOUR), ViewAugmentation(blur_p=0.0, **_COLOUR)),
 }
 
 
