@@ -57,7 +57,8 @@ def build_train_parser() -> CliParser:
                      help="area range of the two crops, fractions of the image " + _default("crop_scale"))
     net.add_argument("--augment", choices=sorted(AUGMENTATIONS),
                      help="view augmentations (cribo.transforms.AUGMENTATIONS): dino (DINO's pair), texture "
-                          "(weak blur), mild (weak blur, class-preserving colour changes) " + _default("augment"))
+                          "(weak blur), mild (weak blur, class-preserving colour changes), colour (weak blur, hue over the whole "
+                          "wheel: the views disagree in colour) " + _default("augment"))
 
     cr = p.add_argument_group("CrIBo")
     cr.add_argument("-K", "--num-clusters", type=int, help=_default("num_clusters"))
