@@ -16,10 +16,10 @@ import argparse
 import json
 import sys
 
-from cribo.clustering import CLUSTERING_MODES
-from cribo.config import PRESETS, TrainConfig, config_from_preset
-from cribo.losses import CI_NORMALISATIONS
-from cribo.transforms import AUGMENTATIONS
+from cribo.pretrain.clustering import CLUSTERING_MODES
+from cribo.pretrain.config import BANK_DTYPES, PRESETS, TrainConfig, config_from_preset
+from cribo.pretrain.losses import CI_NORMALISATIONS
+from cribo.pretrain.transforms import AUGMENTATIONS
 from cribo.dirswap import check_output_file
 from cribo.errors import CliParser, UsageError, run_cli
 
@@ -56,7 +56,7 @@ def build_train_parser() -> CliParser:
     net.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
                      help="area range of the two crops, fractions of the image " + _default("crop_scale"))
     net.add_argument("--augment", choices=sorted(AUGMENTATIONS),
-                     help="view augmentations (cribo.transforms.AUGMENTATIONS): dino (DINO's pair), texture "
+                     help="view augmentations (cribo.pretrain.transforms.AUGMENTATIONS): dino (DINO's pair), texture "
                           "(weak blur), mild (weak blur, class-preserving colour changes) " + _default("augment"))
 
     cr = p.add_argument_group("CrIBo")
@@ -66,7 +66,7 @@ def build_train_parser() -> CliParser:
                     help="paper: uniform marginals, per-image cost range; reference: the authors' code "
                          "(size-weighted marginals, batch range; docs/fidelity.md) " + _default("clustering"))
     cr.add_argument("--bank-images", type=int, help="S, images per bank " + _default("bank_images"))
-    cr.add_argument("--bank-dtype", choices=("fp32", "fp16", "bf16"), help=_default("bank_dtype"))
+    cr.add_argument("--bank-dtype", choices=BANK_DTYPES, help=_default("bank_dtype"))
     cr.add_argument("--no-cross-image", dest="use_cross_image", action="store_const", const=False,
                     help="ablation: train without L_ci^o")
     cr.add_argument("--ci-normalisation", choices=CI_NORMALISATIONS,
@@ -111,7 +111,7 @@ def build_train_parser() -> CliParser:
     run.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no tqdm bar")
     run.add_argument("--debug-bank-hash", action="store_const", const=True,
                      help="write OUT/bank_rank{r}.json (fingerprint of each rank's banks) at the end")
-    # Test hook: exit abruptly after this step (see cribo.engine.train).
+    # Test hook: exit abruptly after this step (see cribo.pretrain.loop.train).
     run.add_argument("--crash-at-step", type=int, help=argparse.SUPPRESS)
     return p
 
@@ -147,7 +147,7 @@ def _main(argv: list[str]) -> int:
         from pathlib import Path
 
         from cribo.backbones import check_export_target
-        from cribo.engine import export_teacher
+        from cribo.pretrain.loop import export_teacher
         check_export_target(args.out or Path(args.output_dir) / "backbone.safetensors")
         info = export_teacher(args.output_dir, args.out, dtype=args.dtype)
         print(json.dumps({k: info[k] for k in ("arch", "patch_size", "embed_dim", "sha256", "step", "checkpoint")}))
@@ -156,7 +156,7 @@ def _main(argv: list[str]) -> int:
         args = build_plot_parser().parse_args(argv[1:])
         from pathlib import Path
 
-        from cribo.report import plot_training_log
+        from cribo.pretrain.report import plot_training_log
         out = args.out or Path(args.output_dir) / "training_curves.png"
         check_output_file(out, label="--out")
         run = Path(args.output_dir) / "config.json"  # written at the start of the run: the global batch
@@ -175,7 +175,7 @@ def _main(argv: list[str]) -> int:
         config = config_from_preset(preset, **args)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    from cribo.engine import check_output_dir, train
+    from cribo.pretrain.loop import check_output_dir, train
     check_output_dir(config.output_dir)  # before any compute
     summary = train(config, crash_at_step=crash_at_step)
     print(json.dumps(summary))

@@ -24,6 +24,7 @@ from app.label import editor_mask, labelled_patches
 from app.objects import build_bank, cluster_images, match_objects, view_pixels
 from app.pipeline import VOTES, Segmentation, score, segment
 from app.state import AppState, IndexEntry
+from cribo.constants import VOID
 from index.labels import resize_mask
 
 __all__ = ["Handlers", "user_errors", "USER_ERRORS", "render_segmentation"]
@@ -131,7 +132,7 @@ class Handlers:
                    "vote": seg.timings["vote"], "drawing": t_draw}
         timings["total"] = time.perf_counter() - t_start
         latency = " · ".join(f"{name} {_ms(v)}" for name, v in timings.items())
-        present = [int(c) for c in np.unique(seg.mask) if c != 255]
+        present = [int(c) for c in np.unique(seg.mask) if c != VOID]
         details = {"image": img.name, "size": list(img.original_size), "processed_size": list(seg.proc_size),
                    "grid": list(seg.grid), "k": int(k), "vote": vote, "index": entry.source,
                    "index_patches": int(entry.index.ntotal),

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cribo.constants import VOID
 from cribo.errors import DataError
 
-VOID = 255
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 _MASK_MODES = ("P", "L", "1", "I", "I;16", "I;16L", "I;16B")
 

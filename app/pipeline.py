@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cribo.constants import VOID
 from index.features import image_features
 from index.labels import paint_patches, patch_labels, resize_mask
 from index.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
-from index.store import SupportIndex
-from index.transfer import VOTES, check_k, transfer_labels
+from index.store import SupportIndex, check_k
+from index.transfer import VOTES, transfer_labels
 
 __all__ = ["Segmentation", "Scores", "segment", "score", "VOTES"]
 
@@ -90,7 +91,7 @@ class Scores:
     scored_patches: int
 
 
-def score(seg: Segmentation, gt: np.ndarray, *, patch_size: int, num_classes: int, void: int = 255) -> Scores:
+def score(seg: Segmentation, gt: np.ndarray, *, patch_size: int, num_classes: int, void: int = VOID) -> Scores:
     """Score ``seg`` against ``gt (H, W)`` uint8 (same size as ``seg.mask``; class ids, void 255)."""
     if gt.shape != seg.mask.shape:
         raise ValueError(f"ground truth {gt.shape} and prediction {seg.mask.shape} must have the same size")

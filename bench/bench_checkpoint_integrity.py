@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cribo.checkpoint import content_checksum, load_checkpoint, save_checkpoint  # noqa: E402
+from cribo.pretrain.checkpoint import content_checksum, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def best(fn, repeats: int) -> float:

@@ -28,7 +28,8 @@ import torch  # noqa: E402
 from cribo.backbones import load_backbone  # noqa: E402
 from cribo.precision import autocast, resolve_precision  # noqa: E402
 from index.datasets import FileSegDataset, open_dataset  # noqa: E402
-from index.features import IMAGENET_MEAN, IMAGENET_STD, extract_features, size_batches  # noqa: E402
+from cribo.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from index.features import extract_features, size_batches  # noqa: E402
 from index.labels import protocol_size, resize_image  # noqa: E402
 
 

@@ -135,6 +135,38 @@ def _timm_vit(arch: str, **kwargs) -> VisionTransformer:
                              patch_size=spec.patch_size, **kwargs)
 
 
+def registered_arch(arch: str) -> ArchSpec:
+    """The :class:`ArchSpec` of a registered ``arch`` (``ARCHS``: the ones training builds)."""
+    if arch not in ARCHS:
+        raise ValueError(f"--arch {arch!r} is not supported; choose one of {', '.join(ARCHS)}")
+    return ARCHS[arch]
+
+
+def named_outputs(vit: VisionTransformer, x: torch.Tensor) -> dict:
+    """The named output contract of a timm ViT: x (B,3,H,W), H and W multiples of the patch size ->
+    tokens after the final LayerNorm.
+
+    Returns ``x_norm_clstoken`` (B,D), ``x_norm_patchtokens`` (B,h*w,D) (row-major over the (h,w)
+    grid, every prefix token dropped: class token and registers; not L2-normalised) and ``grid`` =
+    (h, w). A ViT without a class token gives the mean patch token as ``x_norm_clstoken``. Used by
+    :class:`Backbone` (retrieval, the app) and by the training step on its raw student / teacher ViTs.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B,3,H,W), got {tuple(x.shape)}")
+    (H, W), p = x.shape[-2:], patch_stride(vit)
+    if H % p or W % p:
+        # timm's patch convolution would silently drop the remainder rows/columns.
+        raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}: "
+                         "resize or crop it first (index.labels.protocol_size gives a valid size)")
+    tokens = vit.forward_features(x)  # (B, num_prefix + h*w, D), final norm applied
+    patches = tokens[:, vit.num_prefix_tokens:]  # (B, h*w, D)
+    if patches.shape[1] != (H // p) * (W // p):
+        raise RuntimeError(f"{type(vit).__name__} returned {patches.shape[1]} patch tokens for a {H}x{W} input, "
+                           f"expected {(H // p) * (W // p)}")
+    cls = tokens[:, 0] if vit.cls_token is not None else patches.mean(dim=1)
+    return {"x_norm_clstoken": cls, "x_norm_patchtokens": patches, "grid": (H // p, W // p)}
+
+
 def patch_stride(vit: VisionTransformer) -> int:
     """Pixels per token side: the patchify kernel, or for a convolutional stem (timm ``HybridEmbed``) the
     stem's downsampling ratio times the projection's kernel."""
@@ -183,20 +215,7 @@ class Backbone(nn.Module):
         (h,w) grid, every prefix token dropped: class token and registers; not L2-normalised) and
         ``grid`` = (h, w). A ViT without a class token gives the mean patch token as ``x_norm_clstoken``.
         """
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images of shape (B,3,H,W), got {tuple(x.shape)}")
-        (H, W), p = x.shape[-2:], self.patch_size
-        if H % p or W % p:
-            # timm's patch convolution would silently drop the remainder rows/columns.
-            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}: "
-                             "resize or crop it first (index.labels.protocol_size gives a valid size)")
-        tokens = self.vit.forward_features(x)  # (B, num_prefix + h*w, D), final norm applied
-        patches = tokens[:, self.num_prefix_tokens:]  # (B, h*w, D)
-        if patches.shape[1] != (H // p) * (W // p):
-            raise RuntimeError(f"{self.arch} returned {patches.shape[1]} patch tokens for a {H}x{W} input, "
-                               f"expected {(H // p) * (W // p)}")
-        cls = tokens[:, 0] if self.has_class_token else patches.mean(dim=1)
-        return {"x_norm_clstoken": cls, "x_norm_patchtokens": patches, "grid": (H // p, W // p)}
+        return named_outputs(self.vit, x)
 
     def forward(self, x: torch.Tensor) -> dict:
         return self.forward_features(x)

@@ -44,24 +44,21 @@ from tqdm.auto import tqdm
 
 from cribo import dist
 from cribo.errors import DataError
+from cribo.pixels import normalise
 from cribo.precision import autocast, resolve_precision
 from index.labels import patch_labels, protocol_size, resize_image, resize_mask
 
 __all__ = ["FeatureSet", "extract_features", "image_features", "normalise_pixels", "dataset_fingerprint",
-           "cache_key", "size_batches", "IMAGENET_MEAN", "IMAGENET_STD", "RESOLUTION_RULE", "FeatureCacheError"]
+           "cache_key", "size_batches", "RESOLUTION_RULE", "FeatureCacheError"]
 
 FORMAT_VERSION = 1
 RESOLUTION_RULE = "floor-to-patch-multiple"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURES_FILE, LABELS_FILE, META_FILE = "features.npy", "labels.npy", "meta.json"
 
 
 def normalise_pixels(x: torch.Tensor) -> torch.Tensor:
     """``x (B, 3, H, W)`` uint8 pixels -> float32 ImageNet-normalised model input, on ``x``'s device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x.float().div_(255) - mean) / std
+    return normalise(x.float().div(255))
 
 
 @torch.inference_mode()

@@ -42,17 +42,19 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cribo import dist
+from cribo.constants import IMAGENET_STD
+from cribo.crops import resized_crop_box
+from cribo.pixels import normalise
 from cribo.precision import autocast, resolve_precision
-from index.features import IMAGENET_MEAN, IMAGENET_STD
 from index.labels import patch_class_histograms
 from index.protocol import (backbone_meta, check_run_arguments, dataset_meta, plan_runs, record_run,
                             run_support_ids, score_confusion, summarise_ratios)
 from index.report import log_event, write_reports
-from index.store import IndexParams, SupportIndex
+from index.store import IndexParams, SupportIndex, check_k
 from index.support_lists import SupportList
 from index.search import build_search_index
 from index.torch_search import TorchExactIndex
-from index.transfer import SOFT_TEMPERATURE, check_k, soft_vote
+from index.transfer import SOFT_TEMPERATURE, soft_vote
 
 __all__ = ["HbirdOptions", "HBIRD_STD", "AUGMENTS", "random_resized_crop_box", "memory_view",
            "sample_patches", "build_memory", "query_set", "score_queries", "run_hbird"]
@@ -108,25 +110,10 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
     """``(top, left, h, w)`` of a random crop, torchvision's ``RandomResizedCrop.get_params`` rule:
     10 tries of area ``U(scale) x H x W`` and log-uniform aspect in ``ratio``; the first that fits
     wins, else the centre crop of the whole image clamped to ``ratio``."""
-    area = height * width
     log_ratio = np.log(ratio)
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = float(np.exp(rng.uniform(*log_ratio)))
-        w = int(round(np.sqrt(target * aspect)))
-        h = int(round(np.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return resized_crop_box(height, width, ratio, area_fraction=lambda: rng.uniform(*scale),
+                            aspect=lambda: float(np.exp(rng.uniform(*log_ratio))),
+                            integer=lambda n: int(rng.integers(0, n)))
 
 
 def _colour_jitter(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -157,9 +144,7 @@ def memory_view(image: np.ndarray, mask: np.ndarray, size: int, augment: str,
 
 def _normalise(x: torch.Tensor, pixel_std: str) -> torch.Tensor:
     """``x (B, 3, H, W)`` float in [0, 1] -> normalised model input."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STDS[pixel_std], device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalise(x, PIXEL_STDS[pixel_std])
 
 
 def _forward(backbone: Any, x: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:

@@ -21,7 +21,8 @@ import numpy as np
 from index.features import image_features
 from index.labels import patch_labels, protocol_size, resize_mask
 from index.metrics import confusion_matrix, mean_iou
-from index.transfer import check_k, knn_vote
+from index.store import check_k
+from index.transfer import knn_vote
 
 __all__ = ["RetrievalProbe", "patch_nn_rates"]
 

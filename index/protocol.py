@@ -48,9 +48,9 @@ from index.metrics import SCORED_CLASSES, confusion_matrix, iou_per_class, mean_
 from index.report import log_event, write_reports
 from index.search import SEARCH_KINDS, build_search_index
 from index.sharded import ShardedIndex
-from index.store import IndexParams, SupportIndex, check_index_target, select_support
+from index.store import IndexParams, SupportIndex, check_index_target, check_k, select_support
 from index.support_lists import SupportList
-from index.transfer import SOFT_TEMPERATURE, VOTES, check_k, transfer_labels
+from index.transfer import SOFT_TEMPERATURE, VOTES, transfer_labels
 
 __all__ = ["run_protocol", "score_index", "build_support_index", "backbone_meta", "VOTES", "LEVELS",
            "SOFT_TEMPERATURE"]

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from cribo.backbones import load_backbone
-from cribo.config import PRESETS, TrainConfig, config_from_preset
-from cribo.engine import (LOG_KEYS, LOG_NAME, CrIBoTrainer, ResumableSampler, SeededSamples, Schedules,
-                          clip_gradients_, ema_update_, export_teacher, param_groups, train, truncate_log)
+from cribo.pretrain.config import PRESETS, TrainConfig, config_from_preset
+from cribo.pretrain.loop import LOG_KEYS, LOG_NAME, ResumableSampler, SeededSamples, export_teacher, train, truncate_log
+from cribo.pretrain.step import CrIBoTrainer, Schedules, clip_gradients_, ema_update_, param_groups
 
 TINY = dict(arch="vit_tiny_patch16_224", img_size=64, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
             num_clusters=4, bank_images=8, precision="fp32", num_workers=0, progress=False, lr=1e-3)

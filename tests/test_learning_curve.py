@@ -17,13 +17,14 @@ import torch
 from PIL import Image
 
 from cribo.backbones import create_vit, export_backbone, load_backbone
-from cribo.config import TrainConfig
-from cribo.engine import LOG_KEYS, train
-from cribo.report import plot_training_log
-from cribo.transforms import AUGMENTATIONS
+from cribo.pretrain.config import TrainConfig
+from cribo.pretrain.loop import LOG_KEYS, train
+from cribo.pretrain.report import plot_training_log
+from cribo.pretrain.transforms import AUGMENTATIONS
 from index.datasets import open_dataset
 from index.descriptors import LBP_BINS, PixelPatches, TextureDescriptor, lbp_riu2_codes
-from index.features import IMAGENET_MEAN, IMAGENET_STD, image_features
+from cribo.constants import IMAGENET_MEAN, IMAGENET_STD
+from index.features import image_features
 from index.probe import RetrievalProbe, patch_nn_rates
 from tests.test_engine import tiny_config
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cribo.config import PRESETS, TrainConfig, config_from_preset
+from cribo.pretrain.config import PRESETS, TrainConfig, config_from_preset
 
 RELEASED_ARGS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "released-args"
 RUNS = {"in1k-vits16": "vits16-in_args.json", "in1k-vitb16": "vitb16-in_args.json",

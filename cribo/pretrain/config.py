@@ -18,12 +18,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from cribo.clustering import CLUSTERING_MODES
-from cribo.losses import CI_NORMALISATIONS
-from cribo.transforms import AUGMENTATIONS
+from cribo.precision import DTYPES, PRECISIONS
+from cribo.pretrain.clustering import CLUSTERING_MODES
+from cribo.pretrain.losses import CI_NORMALISATIONS
+from cribo.pretrain.transforms import AUGMENTATIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BANK_DTYPES = ("fp32", "fp16", "bf16")
+BANK_DTYPES = tuple(DTYPES)  # fp32, fp16, bf16
 
 #: Fields that do not change what is computed: excluded from the run identity.
 NON_IDENTITY_FIELDS = frozenset({"stop_at", "log_every", "ckpt_every", "num_workers", "output_dir",
@@ -49,7 +49,7 @@ class TrainConfig:
     """
 
     # --- data and run --------------------------------------------------------------------------
-    data: str = ""                      # image folder, ImageNet/COCO/VOC root or "hf:NAME[:SPLIT]" (cribo.data)
+    data: str = ""                      # image folder, ImageNet/COCO/VOC root or "hf:NAME[:SPLIT]" (cribo.pretrain.data)
     data_split: str | None = None       # layout split (None: the layout's training split / whole folder)
     skip_corrupt: bool = False          # log and skip unreadable images instead of failing
     output_dir: str = ""                # OUT: checkpoint.pth, log.jsonl, backbone.safetensors
@@ -69,13 +69,13 @@ class TrainConfig:
     lambda_pos: float = 1.0             # positional cost weight (Eq. 16)
     n_outer: int = 5                    # clustering outer iterations
     n_sinkhorn: int = 5                 # Sinkhorn iterations per outer iteration
-    clustering: str = "paper"           # paper | reference (the authors' code, update_c): cribo.clustering
+    clustering: str = "paper"           # paper | reference (the authors' code, update_c): cribo.pretrain.clustering
     bank_images: int = 25000            # S: images held in each FIFO bank
     bank_dtype: str = "fp16"            # storage dtype of the banks
     use_cross_image: bool = True        # False: ablation without L_ci^o (Table 5 row 2)
-    ci_normalisation: str = "paper"     # L_ci^o: paper (Z1, Z2) | reference (both by Z1): cribo.losses
+    ci_normalisation: str = "paper"     # L_ci^o: paper (Z1, Z2) | reference (both by Z1): cribo.pretrain.losses
     crop_scale: tuple[float, float] = (0.25, 1.0)
-    augment: str = "dino"               # view augmentations (cribo.transforms.AUGMENTATIONS): dino | texture
+    augment: str = "dino"               # view augmentations (cribo.pretrain.transforms.AUGMENTATIONS): dino | texture
     # --- optimisation (DINO) ---------------------------------------------------------------------
     lr: float = 5e-4                    # base lr, scaled by global_batch / 256
     min_lr: float = 1e-5
@@ -107,7 +107,7 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True               # tqdm bar on rank 0
     debug_bank_hash: bool = False       # write OUT/bank_rank{r}.json (bank fingerprint) at the end
-    # --- learning curve (not part of the identity): cribo.engine evaluates the teacher by k-NN retrieval
+    # --- learning curve (not part of the identity): cribo.pretrain.loop evaluates the teacher by k-NN retrieval
     # (index.probe.RetrievalProbe) on a fixed labelled subset every eval_every steps (0: never).
     eval_every: int = 0
     eval_data: str = ""                 # labelled dataset root (index.datasets kinds, see eval_dataset)
