@@ -17,7 +17,7 @@ import json
 import sys
 
 from cribo.pretrain.clustering import CLUSTERING_MODES
-from cribo.pretrain.config import BANK_DTYPES, PRESETS, TrainConfig, config_from_preset
+from cribo.pretrain.config import BANK_DTYPES, RECIPES, TrainConfig, config_from_recipe
 from cribo.pretrain.losses import CI_NORMALISATIONS
 from cribo.pretrain.transforms import AUGMENTATIONS
 from cribo.dirswap import check_output_file
@@ -44,7 +44,7 @@ def build_train_parser() -> CliParser:
     req.add_argument("--output-dir", required=True, help="OUT: checkpoint.pth, log.jsonl, config.json")
     req.add_argument("--stop-at", type=int, help="checkpoint after this step and exit 0 (resume by running again)")
     req.add_argument("--seed", type=int, help=_default("seed"))
-    req.add_argument("--preset", choices=sorted(PRESETS), help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
+    req.add_argument("--preset", choices=sorted(RECIPES), help="; ".join(f"{k}: {v.description}" for k, v in RECIPES.items()))
     req.add_argument("--device", help=_default("device") + "; cuda under torchrun uses cuda:LOCAL_RANK")
 
     net = p.add_argument_group("network")
@@ -169,10 +169,10 @@ def _main(argv: list[str]) -> int:
     if args["crop_scale"] is not None:
         args["crop_scale"] = tuple(args["crop_scale"])
     args.pop("debug")  # handled by run_cli
-    if args["arch"] is None and not (preset and "arch" in PRESETS[preset].overrides):
+    if args["arch"] is None and not (preset and "arch" in RECIPES[preset].overrides):
         build_train_parser().error("--arch is required (or a --preset that sets it)")
     try:
-        config = config_from_preset(preset, **args)
+        config = config_from_recipe(preset, **args)
     except ValueError as e:
         raise UsageError(str(e)) from e
     from cribo.pretrain.loop import check_output_dir, train

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,17 +31,16 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from app.draw import class_palette  # noqa: E402
-from app.handlers import render_segmentation  # noqa: E402
-from app.inputs import load_image  # noqa: E402
-from app.pipeline import segment  # noqa: E402
-from app.state import IndexEntry  # noqa: E402
-from cribo.backbones import BUILTIN_WEIGHTS, load_backbone  # noqa: E402
-from index.datasets import open_dataset  # noqa: E402
-from index.features import extract_features, image_features  # noqa: E402
-from index.store import IndexParams, SupportIndex  # noqa: E402
+from app.draw import class_palette
+from app.handlers import render_segmentation
+from app.inputs import load_image
+from app.pipeline import segment
+from app.state import IndexEntry
+from cribo.backbones import BUILTIN_WEIGHTS, load_backbone
+from index.datasets import open_dataset
+from index.features import extract_features, image_features
+from index.store import IndexParams, SupportIndex
 
 GOAL_S = 1.0
 

@@ -32,16 +32,13 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from cribo.pretrain.clustering import joint_space_clustering  # noqa: E402
-from cribo.pretrain.transforms import patch_centres, random_resized_crop_params  # noqa: E402
+from cribo.pretrain.clustering import joint_space_clustering
+from cribo.pretrain.transforms import patch_centres, random_resized_crop_params
 
 
 # ----------------------------------------------------------------------------------------- BASELINE

@@ -17,18 +17,16 @@ and fp32 elsewhere: bf16 autocast is several times slower than fp32 on AVX2-only
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cribo.precision import resolve_precision  # noqa: E402
-from cribo.pretrain.config import TrainConfig  # noqa: E402
-from cribo.pretrain.step import CrIBoTrainer  # noqa: E402
-from cribo.pretrain.timing import TIME_SPLITS, StepTimer, peak_memory_mb  # noqa: E402
+from cribo.precision import resolve_precision
+from cribo.pretrain.config import TrainConfig
+from cribo.pretrain.step import CrIBoTrainer
+from cribo.pretrain.timing import TIME_SPLITS, StepTimer, peak_memory_mb
 
 ROWS = (  # (label, Table 9 operation, timer sections)
     ("Forward pass", "f_t + f_s + global heads (+ losses)", ("forward",)),

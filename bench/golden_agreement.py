@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from cribo.pretrain.clustering import CLUSTERING_RULES, joint_space_clustering, split_views, valid_objects  # noqa: E402
+from cribo.pretrain.clustering import CLUSTERING_RULES, joint_space_clustering, split_views, valid_objects
 
 GOLDEN = REPO.parent / "shared" / "reference" / "cribo-golden"
 REFS = {"ref_default": "authors, update_c true", "ref_uniformc": "authors, update_c false"}

@@ -35,7 +35,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
-from cribo import presets
+from cribo import releases
 from cribo.dirswap import TargetError, check_output_file
 from cribo.errors import TORCH_LOAD_ERRORS, TORCH_PROTOCOL_WARNING, DataError
 from cribo.io import atomic_path, write_json
@@ -83,7 +83,7 @@ def known_names() -> list[str]:
     """Every listed ``name``; besides these, any timm ``VisionTransformer`` name (``vit_small_patch14_dinov2``,
     ``vit_small_patch14_reg4_dinov2``, ``deit_small_patch16_224``, ...) and timm pretrained tags
     ``<arch>.<tag>`` (vit_small_patch16_224.dino) are accepted."""
-    return ["builtin", *presets.PRESETS, *ARCHS]
+    return ["builtin", *releases.RELEASES, *ARCHS]
 
 
 def create_vit(arch: str, *, drop_path_rate: float = 0.0) -> VisionTransformer:
@@ -251,7 +251,7 @@ def load_backbone(name: str | None = None, weights: str | os.PathLike | None = N
     """Build a ``Backbone`` in eval mode on ``device``.
 
     name: a registered arch (``ARCHS``), ``"builtin"`` (``BUILTIN_WEIGHTS``), a preset
-        (``cribo.presets.PRESETS``; downloaded to ``cache_dir``, default ~/.cache/cribo/checkpoints)
+        (``cribo.releases.RELEASES``; downloaded to ``cache_dir``, default ~/.cache/cribo/checkpoints)
         or a timm pretrained tag ``<arch>.<tag>`` (e.g. ``vit_small_patch16_224.dino``, from the hub).
     weights: a file, format auto-detected: our export (``X.safetensors`` + ``X.json``, arch read
         from the json), a plain safetensors / torch state dict of a timm ViT with ``num_classes=0``
@@ -277,13 +277,13 @@ def load_backbone(name: str | None = None, weights: str | os.PathLike | None = N
             vit = create_vit(arch)
         backbone = Backbone(vit, arch, f"random:{arch}:seed{seed}", f"random init ({arch}, seed {seed})")
         return backbone.to(device).eval()
-    if name == "builtin" or name in presets.PRESETS:
+    if name == "builtin" or name in releases.RELEASES:
         if weights is not None:
             raise ValueError(f"name={name!r} brings its own weights; do not also pass weights={weights!r}")
-        weights = _builtin_weights() if name == "builtin" else _preset_weights(name, cache_dir)
+        weights = _builtin_weights() if name == "builtin" else _release_weights(name, cache_dir)
     if weights is None:
         raise ValueError(f"no weights for {name!r}: pass weights=<file>, random_init=True, a preset "
-                         f"({', '.join(presets.PRESETS)}), 'builtin' or a timm tag like "
+                         f"({', '.join(releases.RELEASES)}), 'builtin' or a timm tag like "
                          "vit_small_patch16_224.dino")
     return _from_file(Path(weights), arch, label=name if arch != name else None).to(device).eval()
 
@@ -296,8 +296,8 @@ def _arch_of_name(name: str | None) -> str | None:
         return name
     if name == "builtin":
         return BUILTIN_ARCH
-    if name in presets.PRESETS:
-        return presets.PRESETS[name].arch
+    if name in releases.RELEASES:
+        return releases.RELEASES[name].arch
     raise _unknown(name)
 
 
@@ -312,14 +312,14 @@ def _builtin_weights() -> Path:
         raise BackboneLoadError(
             f"the builtin backbone weights are missing: {BUILTIN_WEIGHTS} (and its .json). They are "
             "produced by the recipe in cribo/weights/MODEL_CARD.md; or use a preset "
-            f"({', '.join(presets.PRESETS)}) or pass a weights file")
+            f"({', '.join(releases.RELEASES)}) or pass a weights file")
     return Path(BUILTIN_WEIGHTS)
 
 
-def _preset_weights(name: str, cache_dir: str | os.PathLike | None) -> Path:
+def _release_weights(name: str, cache_dir: str | os.PathLike | None) -> Path:
     try:
-        return presets.download_preset(name, cache_dir)
-    except presets.PresetDownloadError as err:  # one error type for callers of load_backbone
+        return releases.download_release(name, cache_dir)
+    except releases.ReleaseDownloadError as err:  # one error type for callers of load_backbone
         raise BackboneLoadError(str(err)) from err
 
 

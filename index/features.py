@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cribo import dist
+from cribo.contracts import BackboneProtocol, SegDatasetProtocol
 from cribo.errors import DataError
 from cribo.pixels import normalise
 from cribo.precision import autocast, resolve_precision
@@ -62,7 +63,7 @@ def normalise_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def image_features(backbone: Any, image: np.ndarray, *, device: str | torch.device = "cpu",
+def image_features(backbone: BackboneProtocol, image: np.ndarray, *, device: str | torch.device = "cpu",
                    precision: str = "auto") -> tuple[np.ndarray, tuple[int, int]]:
     """L2-normalised patch tokens of one ``image (H, W, 3) uint8`` at the protocol resolution.
 
@@ -135,7 +136,7 @@ class FeatureSet:
         return rows[self.labels[rows] >= 0] if labelled_only else rows
 
 
-def dataset_fingerprint(dataset: Any) -> dict[str, Any]:
+def dataset_fingerprint(dataset: SegDatasetProtocol) -> dict[str, Any]:
     """What identifies a split's content for the cache.
 
     kind, root realpath, split, image and class counts, a hash of the ids, and
@@ -180,7 +181,7 @@ def size_batches(sizes: np.ndarray, batch_size: int) -> list[list[int]]:
 class _MaskPass(Dataset):
     """Item ``i`` -> (i, (H, W), (H', W'), patch labels (h*w,) int16): masks only, no image decode."""
 
-    def __init__(self, dataset: Any, patch_size: int):
+    def __init__(self, dataset: SegDatasetProtocol, patch_size: int):
         self.dataset, self.p = dataset, patch_size
         self.num_classes = len(dataset.class_names)
 
@@ -198,7 +199,7 @@ class _MaskPass(Dataset):
 class _ImagePass(Dataset):
     """Item ``i`` -> (i, image (3, H', W') uint8 tensor) at the protocol size found by the mask pass."""
 
-    def __init__(self, dataset: Any, sizes: np.ndarray, protocol_sizes: np.ndarray):
+    def __init__(self, dataset: SegDatasetProtocol, sizes: np.ndarray, protocol_sizes: np.ndarray):
         self.dataset, self.sizes, self.protocol_sizes = dataset, sizes, protocol_sizes
 
     def __len__(self) -> int:
@@ -239,8 +240,8 @@ def _load_cache(path: Path) -> FeatureSet:
 
 
 def extract_features(
-    backbone: Any,
-    dataset: Any,
+    backbone: BackboneProtocol,
+    dataset: SegDatasetProtocol,
     cache_dir: str | os.PathLike,
     *,
     precision: str = "auto",
@@ -308,7 +309,7 @@ def extract_features(
     return fs
 
 
-def _extract_into(out: Path, backbone: Any, dataset: Any, precision: str, device: torch.device,
+def _extract_into(out: Path, backbone: BackboneProtocol, dataset: SegDatasetProtocol, precision: str, device: torch.device,
                   batch_size: int, num_workers: int, progress: bool) -> dict[str, Any]:
     """Write labels.npy and features.npy of ``dataset`` into ``out``; return the cache metadata.
 

@@ -42,6 +42,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cribo import dist
+from cribo.contracts import BackboneProtocol, SegDatasetProtocol
 from cribo.constants import IMAGENET_STD
 from cribo.crops import resized_crop_box
 from cribo.pixels import normalise
@@ -147,7 +148,7 @@ def _normalise(x: torch.Tensor, pixel_std: str) -> torch.Tensor:
     return normalise(x, PIXEL_STDS[pixel_std])
 
 
-def _forward(backbone: Any, x: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
+def _forward(backbone: BackboneProtocol, x: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
     """``x (B, 3, S, S)`` -> L2-normalised patch tokens ``(B, s*s, D)`` float32 on the CPU."""
     with torch.inference_mode(), autocast(precision, device):
         tokens = backbone.forward_features(x.to(device))["x_norm_patchtokens"]
@@ -178,7 +179,7 @@ def sample_patches(dists: np.ndarray, per_image: int, rng: np.random.Generator) 
     return np.argsort(score, axis=1, kind="stable")[:, :k]
 
 
-def _image_and_mask(dataset: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
+def _image_and_mask(dataset: SegDatasetProtocol, i: int) -> tuple[np.ndarray, np.ndarray]:
     image, mask = dataset.load_image(i), dataset.load_mask(i)
     if image.shape[:2] != mask.shape:
         raise ValueError(f"image {dataset.ids[i]!r} is {image.shape[0]}x{image.shape[1]} but its mask is "
@@ -186,7 +187,7 @@ def _image_and_mask(dataset: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-def build_memory(backbone: Any, dataset: Any, images: list[int], options: HbirdOptions, *, seed: int,
+def build_memory(backbone: BackboneProtocol, dataset: SegDatasetProtocol, images: list[int], options: HbirdOptions, *, seed: int,
                  device: torch.device, precision: str, batch_size: int,
                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """The support memory: ``features (M, D) float32`` (L2-normalised), ``distributions (M, C) float32``
@@ -238,7 +239,7 @@ class QuerySet:
     forward_seconds: float
 
 
-def query_set(backbone: Any, dataset: Any, options: HbirdOptions, *, device: torch.device, precision: str,
+def query_set(backbone: BackboneProtocol, dataset: SegDatasetProtocol, options: HbirdOptions, *, device: torch.device, precision: str,
               batch_size: int, progress: bool = True) -> QuerySet:
     """Every image of ``dataset`` resized to ``input_size`` squared, its patch tokens and resized mask."""
     S, n = options.input_size, len(dataset.ids)
@@ -308,9 +309,9 @@ def memory_index(feats: np.ndarray, dists: np.ndarray, kind: str, params: IndexP
 
 
 def run_hbird(
-    backbone: Any,
-    train_ds: Any,
-    val_ds: Any,
+    backbone: BackboneProtocol,
+    train_ds: SegDatasetProtocol,
+    val_ds: SegDatasetProtocol,
     *,
     options: HbirdOptions = HbirdOptions(),
     ratios: Sequence[int] = (1, 8, 64, 128),

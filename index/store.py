@@ -32,12 +32,13 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import faiss
 import numpy as np
 
 from cribo import dirswap
+from cribo.contracts import BackboneProtocol
 from cribo.errors import DataError
 
 INDEX_FILE = "index.faiss"
@@ -341,7 +342,7 @@ class SupportIndex:
             self.params = IndexParams(**{**asdict(self.params), "ef_search": ef_search})
         self._gpu_index = None
 
-    def check_compatible(self, backbone: Any) -> None:
+    def check_compatible(self, backbone: BackboneProtocol) -> None:
         """Raise :class:`IncompatibleIndexError` unless ``backbone.identity`` built this index."""
         built_with = self.meta.get("backbone", {}).get("identity")
         if built_with is None:
