@@ -49,13 +49,11 @@ class Segmentation:
 
 
 def segment(backbone, index: SupportIndex, image: np.ndarray, *, k: int = 50, vote: str = "majority",
-            num_classes: int, out_size: tuple[int, int] | None = None,
+            num_classes: int,
             device: str | torch.device = "cpu", precision: str = "auto") -> Segmentation:
-    """Segment ``image (H, W, 3) uint8`` by k-NN label transfer from ``index``.
-
-    ``out_size``: size ``(H, W)`` of the returned mask (default: the image's; the app passes the
-    original file size when it downscaled a large upload).
-    """
+    """Segment ``image (H, W, 3) uint8`` by k-NN label transfer from ``index``; the mask is painted at
+    the image's size (a caller that wants another size paints ``pred`` on ``grid`` itself, once, with
+    :func:`index.labels.paint_patches`)."""
     if index.ntotal == 0:
         raise ValueError("the support index is empty: add labelled images to it first")
     check_k(int(k), index.ntotal)
@@ -67,7 +65,7 @@ def segment(backbone, index: SupportIndex, image: np.ndarray, *, k: int = 50, vo
     pred, share = transfer_labels(D, I, index.labels, num_classes, vote)
     t3 = time.perf_counter()
     p = int(backbone.patch_size)
-    mask = paint_patches(pred, grid, p, out_size or image.shape[:2])
+    mask = paint_patches(pred, grid, p, image.shape[:2])
     t4 = time.perf_counter()
     return Segmentation(mask, pred, share, grid, (grid[0] * p, grid[1] * p),
                         {"forward": t1 - t0, "search": t2 - t1, "vote": t3 - t2, "paint": t4 - t3})

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                 c0, t0 = time.process_time(), time.perf_counter()
                 seg = segment(backbone, index, img.pixels, k=a.k, num_classes=len(names))
                 t1 = time.perf_counter()
-                render_segmentation(img, seg, entry, Path(tmp) / f"{kind}_{r}.png")
+                render_segmentation(img, seg, entry, Path(tmp) / f"{kind}_{r}.png", int(backbone.patch_size))
                 t2, c2 = time.perf_counter(), time.process_time()
                 if r:  # the first run warms up
                     runs.append({**seg.timings, "draw": seg.timings["paint"] + (t2 - t1), "total": t2 - t0,

@@ -29,10 +29,10 @@ from cribo.pretrain.step import CrIBoTrainer
 from cribo.pretrain.timing import TIME_SPLITS, StepTimer, peak_memory_mb
 
 ROWS = (  # (label, Table 9 operation, timer sections)
-    ("Forward pass", "f_t + f_s + global heads (+ losses)", ("forward",)),
-    ("Clustering", "Q* = C(.)", ("clustering",)),
+    ("Forward pass", "f_t + f_s + global heads + h_s(.) (+ losses)", ("forward",)),
+    ("Clustering", "Q* = C(.) + object pooling", ("clustering",)),
     ("NN retrieval", "nn(.) + update(M_i)", ("nn_bank",)),
-    ("Object projections", "h_t(.) + h_s(.)", ("object_proj",)),
+    ("Object projections", "h_t(.) (h_s(.) runs inside the student's one call)", ("object_proj",)),
     ("Weights update", "backprop. + EMA", ("backward_ema",)),
 )
 CRIBO_SPECIFIC = ("clustering", "nn_bank", "object_proj")

@@ -18,8 +18,7 @@ The names below are re-exported lazily (importing ``cribo`` loads neither torch 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cribo.exports import lazy_exports
 
 _EXPORTS = {
     "Backbone": "cribo.backbones", "load_backbone": "cribo.backbones", "export_backbone": "cribo.backbones",
@@ -31,9 +30,4 @@ _EXPORTS = {
     "PRECISIONS": "cribo.precision", "resolve_precision": "cribo.precision",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cribo' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports("cribo", _EXPORTS)

@@ -16,8 +16,7 @@ The names below are re-exported lazily (importing ``index`` loads neither torch 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cribo.exports import lazy_exports
 
 _EXPORTS = {
     "open_dataset": "index.datasets", "SegDataset": "index.datasets",
@@ -29,9 +28,4 @@ _EXPORTS = {
     "RetrievalProbe": "index.probe",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'index' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports("index", _EXPORTS)

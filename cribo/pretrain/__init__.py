@@ -17,8 +17,7 @@ The names below are re-exported lazily.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cribo.exports import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": "cribo.pretrain.config", "RECIPES": "cribo.pretrain.config",
@@ -29,9 +28,4 @@ _EXPORTS = {
     "ObjectMemoryBank": "cribo.pretrain.bank",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cribo.pretrain' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports("cribo.pretrain", _EXPORTS)
