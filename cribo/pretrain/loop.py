@@ -209,6 +209,26 @@ def train(config: TrainConfig, *, crash_at_step: int | None = None) -> dict[str,
             dist.destroy()
 
 
+def _resume(trainer: CrIBoTrainer, ckpt_path: Path, identity: str, rank: int, world: int,
+            device: torch.device) -> tuple[int, Path | None]:
+    """Restore ``trainer`` and this rank's RNG streams from ``ckpt_path`` when a checkpoint exists
+    (its predecessor if it is damaged; the run identity must match). Returns (start step, file used)."""
+    if rank == 0:
+        remove_stale_checkpoint_temps(ckpt_path)  # left by a run killed mid-save
+    if not has_checkpoint(ckpt_path):
+        return 0, None
+    state, resumed_from = load_latest(ckpt_path)  # checkpoint.pth, or its predecessor if damaged
+    check_identity(state, identity, trainer.config.identity_diff(state["config"]), resumed_from)
+    trainer.load_state_dict(state)
+    if len(state["rng"]) != world:
+        raise CheckpointError(f"{ckpt_path} holds RNG states of {len(state['rng'])} processes, this run has {world}")
+    restore_rng(state["rng"][rank], device, trainer.cluster_generator)
+    start = int(state["step"])
+    if rank == 0:
+        print(f"resuming from {resumed_from} (step {start})", file=sys.stderr)
+    return start, resumed_from
+
+
 def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
          crash_at_step: int | None) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
@@ -236,20 +256,7 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
     _seed_everything(config.seed + rank)
     trainer.cluster_generator.manual_seed(config.seed + rank)
 
-    start, resumed_from = 0, None
-    if is_main:
-        remove_stale_checkpoint_temps(ckpt_path)  # left by a run killed mid-save
-    if has_checkpoint(ckpt_path):
-        state, resumed_from = load_latest(ckpt_path)  # checkpoint.pth, or its predecessor if damaged
-        check_identity(state, identity, config.identity_diff(state["config"]), resumed_from)
-        trainer.load_state_dict(state)
-        if len(state["rng"]) != world:
-            raise CheckpointError(f"{ckpt_path} holds RNG states of {len(state['rng'])} processes, this run has {world}")
-        restore_rng(state["rng"][rank], device, trainer.cluster_generator)
-        start = int(state["step"])
-        del state
-        if is_main:
-            print(f"resuming from {resumed_from} (step {start})", file=sys.stderr)
+    start, resumed_from = _resume(trainer, ckpt_path, identity, rank, world, device)
     if is_main:
         truncate_log(log_path, start)
         write_json(out_dir / "config.json", {"identity": identity, "world_size": world, "dataset_len": len(dataset),
