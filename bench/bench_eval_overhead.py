@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: the repository's packages first
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from bench_feature_throughput import bare_forward_seconds, preload_batches, subset, warm_up  # noqa: E402
-from cribo.backbones import load_backbone  # noqa: E402
-from cribo.precision import resolve_precision  # noqa: E402
-from index.datasets import open_dataset  # noqa: E402
-from index.protocol import run_protocol  # noqa: E402
+from bench_feature_throughput import bare_forward_seconds, preload_batches, subset, warm_up
+from cribo.backbones import load_backbone
+from cribo.precision import resolve_precision
+from index.datasets import open_dataset
+from index.protocol import run_protocol
 
 
 def main() -> None:

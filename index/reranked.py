@@ -21,8 +21,7 @@ import faiss
 import numpy as np
 import torch
 
-from index.store import default_nlist
-from index.transfer import check_k
+from index.store import check_k, default_nlist
 
 __all__ = ["RerankParams", "RerankedIndex"]
 

@@ -10,6 +10,7 @@
 # backbone.safetensors,backbone.json} and $OUT/table1/ (the Table-1 row, Markdown + JSON).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # bench/ imports the packages without `pip install -e .`
 
 PYTHON=${PYTHON:-python}
 DEVICE=${DEVICE:-cuda}

@@ -17,13 +17,14 @@ import torch
 from PIL import Image
 
 from cribo.backbones import create_vit, export_backbone, load_backbone
-from cribo.config import TrainConfig
-from cribo.engine import LOG_KEYS, train
-from cribo.report import plot_training_log
-from cribo.transforms import AUGMENTATIONS
+from cribo.pretrain.config import TrainConfig
+from cribo.pretrain.loop import LOG_KEYS, train
+from cribo.pretrain.report import plot_training_log
+from cribo.pretrain.transforms import AUGMENTATIONS
 from index.datasets import open_dataset
 from index.descriptors import LBP_BINS, PixelPatches, TextureDescriptor, lbp_riu2_codes
-from index.features import IMAGENET_MEAN, IMAGENET_STD, image_features
+from cribo.constants import IMAGENET_MEAN, IMAGENET_STD
+from index.features import image_features
 from index.probe import RetrievalProbe, patch_nn_rates
 from tests.test_engine import tiny_config
 
@@ -162,7 +163,7 @@ def test_texture_views_blur_less_than_dino():
 
 def test_colour_views_disagree_in_hue_over_the_whole_wheel():
     """"colour": every view is jittered, hue shifts spread over [-0.5, 0.5], blur as "mild"."""
-    from cribo.transforms import draw_view_params
+    from cribo.pretrain.transforms import draw_view_params
     colour, mild = AUGMENTATIONS["colour"], AUGMENTATIONS["mild"]
     assert [a.blur_p for a in colour] == [a.blur_p for a in mild] and colour[0].blur_sigma == mild[0].blur_sigma
     g = torch.Generator().manual_seed(0)

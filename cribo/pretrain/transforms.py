@@ -31,11 +31,11 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cribo.crops import CropBox, resized_crop_box
+from cribo.pixels import normalise
+
 
 # (i, j, h, w): top row, left column, height, width of a crop, in original-image pixels.
-CropBox = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -156,25 +156,12 @@ def random_resized_crop_params(
     exactly what ``get_params`` returns from the same global RNG state (tested). torchvision's
     version cannot take a generator, which the app needs for seeded, side-effect-free previews.
     """
-    area = height * width
     log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            i = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
-            j = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
-            return int(i), int(j), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return resized_crop_box(
+        height, width, ratio,
+        area_fraction=lambda: torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item(),
+        aspect=lambda: torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item(),
+        integer=lambda n: torch.randint(0, n, size=(1,), generator=generator).item())
 
 
 def draw_view_params(
@@ -260,14 +247,9 @@ def apply_photometric(img: Image.Image, params: ViewParams) -> Image.Image:
 
 def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> (3, S, S) float32 normalised with the ImageNet mean and std."""
-    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+    return normalise(TF.to_tensor(img))
 
 
-def denormalize(view: torch.Tensor) -> torch.Tensor:
-    """Inverse of the ImageNet normalisation: (3, S, S) -> (3, S, S) in [0, 1] (for display)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=view.dtype, device=view.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=view.dtype, device=view.device)[:, None, None]
-    return (view * std + mean).clamp(0.0, 1.0)
 
 
 class TwoViewTransform:
