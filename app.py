@@ -12,7 +12,7 @@ from pathlib import Path
 
 import app
 from app.state import DEFAULT_CACHE
-from cribo.argtypes import non_negative_int, positive_int
+from cribo.argtypes import DeprecatedFlag, non_negative_int, positive_int
 from cribo.errors import CliParser, run_cli
 
 
@@ -22,7 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="builtin (default without --weights), a timm arch (e.g. vit_small_patch16_224) or a preset")
     p.add_argument("--weights", default=None, help="backbone weights file (our export is self-describing)")
     p.add_argument("--random-init", action="store_true", help="the --backbone arch freshly initialised (seeded)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of --random-init")
+    p.add_argument("--init-seed", dest="init_seed", type=non_negative_int, default=0, help="seed of --random-init")
+    p.add_argument("--seed", dest="init_seed", type=non_negative_int, action=DeprecatedFlag, new_flag="--init-seed")
     p.add_argument("--index", default=None, help="default support index: a directory written by build_index.py "
                                                  "(default: the built-in generated scenes)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     a = parse_args(argv)
-    config = app.AppConfig(backbone=a.backbone, weights=a.weights, random_init=a.random_init, seed=a.seed,
+    config = app.AppConfig(backbone=a.backbone, weights=a.weights, random_init=a.random_init, seed=a.init_seed,
                            index=a.index, cache_dir=a.cache_dir, device=a.device, max_side=a.max_side,
                            max_pixels=a.max_pixels)
     app.launch(config, host=a.host, port=a.port, share=a.share)  # StartupError: one line, exit 1

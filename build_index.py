@@ -2,7 +2,7 @@
 """Build a FAISS support index of one dataset split (labelled patches of 1/ratio of its images).
 
     python build_index.py --dataset voc --root /data/voc --split train_aug --backbone builtin \
-        --ratio 8 --seed 0 --index flat --out indices/voc-1_8-s0
+        --ratio 8 --support-seed 0 --index flat --out indices/voc-1_8-s0
 
 Writes DIR/index.faiss, DIR/labels.npy and DIR/meta.json atomically; the app and
 ``index.store.SupportIndex.load(DIR)`` read it. Features are cached under --cache-dir and shared with
@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from cribo.argtypes import non_negative_int, positive_int
+from cribo.argtypes import DeprecatedFlag, non_negative_int, positive_int
 from cribo.errors import CliParser, run_cli
 from index.bounds import bound_dataset
 from index.cli import add_backbone_args, add_data_args, add_extraction_args, backbone_from_args
@@ -27,10 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = CliParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
     p.add_argument("--split", help="support split (default: train_aug / training / train)")
-    add_backbone_args(p, "--init-seed")
+    add_backbone_args(p)
     p.add_argument("--ratio", type=positive_int, default=1, help="keep round(N/ratio) images (default 1: all)")
-    p.add_argument("--seed", type=non_negative_int, default=0,
+    p.add_argument("--support-seed", dest="support_seed", type=non_negative_int, default=0,
                    help="seed of the support selection (ignored for ratio 1)")
+    p.add_argument("--seed", dest="support_seed", type=non_negative_int, action=DeprecatedFlag, new_flag="--support-seed")
     p.add_argument("--index", default="flat", choices=sorted(INDEX_KINDS), help="flat (exact), ivf or hnsw (fp16)")
     p.add_argument("--nlist", type=positive_int, help="ivf lists (default 4*sqrt(n))")
     p.add_argument("--nprobe", type=positive_int, default=IndexParams.nprobe, help="ivf lists searched per query")
@@ -48,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     split = args.split or DEFAULT_SPLITS[args.dataset][0]
-    params = IndexParams(nlist=args.nlist, nprobe=args.nprobe, ef_search=args.ef_search, seed=args.seed)
+    params = IndexParams(nlist=args.nlist, nprobe=args.nprobe, ef_search=args.ef_search, seed=args.support_seed)
     check_index_target(args.out)  # before any compute
     backbone = backbone_from_args(args)
     dataset = bound_dataset(open_dataset(args.dataset, args.root, split), args.max_side, backbone.patch_size)
     index = build_support_index(
-        backbone, dataset, ratio=args.ratio, seed=args.seed, kind=args.index, cache_dir=args.cache_dir,
+        backbone, dataset, ratio=args.ratio, seed=args.support_seed, kind=args.index, cache_dir=args.cache_dir,
         device=args.device, precision=args.precision, params=params, out=args.out,
         batch_size=args.batch_size, num_workers=args.workers,
     )

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     p.add_argument("--train-split", help="support split (default: train_aug / training / train)")
     p.add_argument("--val-split", help="query split (default: val / validation / val)")
-    add_backbone_args(p, "--seed")
+    add_backbone_args(p, legacy_seed_flag=True)
     p.add_argument("--ratios", type=_ratios, default=[1, 8, 64, 128], help="support ratios 1/n (default 1,8,64,128)")
     p.add_argument("--seeds", type=positive_int, default=5, help="runs per ratio > 1, seeds 0..S-1 (default 5)")
     p.add_argument("--k", type=positive_int, help="neighbours per query patch (default 50; 30 with --protocol hbird)")

@@ -16,10 +16,10 @@ import argparse
 import json
 import sys
 
-from cribo.clustering import CLUSTERING_MODES
-from cribo.config import PRESETS, TrainConfig, config_from_preset
-from cribo.losses import CI_NORMALISATIONS
-from cribo.transforms import AUGMENTATIONS
+from cribo.pretrain.clustering import CLUSTERING_MODES
+from cribo.pretrain.config import BANK_DTYPES, RECIPES, TrainConfig, config_from_recipe
+from cribo.pretrain.losses import CI_NORMALISATIONS
+from cribo.pretrain.transforms import AUGMENTATIONS
 from cribo.dirswap import check_output_file
 from cribo.errors import CliParser, UsageError, run_cli
 
@@ -44,7 +44,7 @@ def build_train_parser() -> CliParser:
     req.add_argument("--output-dir", required=True, help="OUT: checkpoint.pth, log.jsonl, config.json")
     req.add_argument("--stop-at", type=int, help="checkpoint after this step and exit 0 (resume by running again)")
     req.add_argument("--seed", type=int, help=_default("seed"))
-    req.add_argument("--preset", choices=sorted(PRESETS), help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
+    req.add_argument("--preset", choices=sorted(RECIPES), help="; ".join(f"{k}: {v.description}" for k, v in RECIPES.items()))
     req.add_argument("--device", help=_default("device") + "; cuda under torchrun uses cuda:LOCAL_RANK")
 
     net = p.add_argument_group("network")
@@ -56,8 +56,9 @@ def build_train_parser() -> CliParser:
     net.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
                      help="area range of the two crops, fractions of the image " + _default("crop_scale"))
     net.add_argument("--augment", choices=sorted(AUGMENTATIONS),
-                     help="view augmentations (cribo.transforms.AUGMENTATIONS): dino (DINO's pair), texture "
-                          "(weak blur), mild (weak blur, class-preserving colour changes) " + _default("augment"))
+                     help="view augmentations (cribo.pretrain.transforms.AUGMENTATIONS): dino (DINO's pair), texture "
+                          "(weak blur), mild (weak blur, class-preserving colour changes), colour (weak blur, hue over the whole "
+                          "wheel: the views disagree in colour) " + _default("augment"))
 
     cr = p.add_argument_group("CrIBo")
     cr.add_argument("-K", "--num-clusters", type=int, help=_default("num_clusters"))
@@ -66,7 +67,7 @@ def build_train_parser() -> CliParser:
                     help="paper: uniform marginals, per-image cost range; reference: the authors' code "
                          "(size-weighted marginals, batch range; docs/fidelity.md) " + _default("clustering"))
     cr.add_argument("--bank-images", type=int, help="S, images per bank " + _default("bank_images"))
-    cr.add_argument("--bank-dtype", choices=("fp32", "fp16", "bf16"), help=_default("bank_dtype"))
+    cr.add_argument("--bank-dtype", choices=BANK_DTYPES, help=_default("bank_dtype"))
     cr.add_argument("--no-cross-image", dest="use_cross_image", action="store_const", const=False,
                     help="ablation: train without L_ci^o")
     cr.add_argument("--ci-normalisation", choices=CI_NORMALISATIONS,
@@ -111,7 +112,7 @@ def build_train_parser() -> CliParser:
     run.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no tqdm bar")
     run.add_argument("--debug-bank-hash", action="store_const", const=True,
                      help="write OUT/bank_rank{r}.json (fingerprint of each rank's banks) at the end")
-    # Test hook: exit abruptly after this step (see cribo.engine.train).
+    # Test hook: exit abruptly after this step (see cribo.pretrain.loop.train).
     run.add_argument("--crash-at-step", type=int, help=argparse.SUPPRESS)
     return p
 
@@ -147,7 +148,7 @@ def _main(argv: list[str]) -> int:
         from pathlib import Path
 
         from cribo.backbones import check_export_target
-        from cribo.engine import export_teacher
+        from cribo.pretrain.loop import export_teacher
         check_export_target(args.out or Path(args.output_dir) / "backbone.safetensors")
         info = export_teacher(args.output_dir, args.out, dtype=args.dtype)
         print(json.dumps({k: info[k] for k in ("arch", "patch_size", "embed_dim", "sha256", "step", "checkpoint")}))
@@ -156,7 +157,7 @@ def _main(argv: list[str]) -> int:
         args = build_plot_parser().parse_args(argv[1:])
         from pathlib import Path
 
-        from cribo.report import plot_training_log
+        from cribo.pretrain.report import plot_training_log
         out = args.out or Path(args.output_dir) / "training_curves.png"
         check_output_file(out, label="--out")
         run = Path(args.output_dir) / "config.json"  # written at the start of the run: the global batch
@@ -169,13 +170,13 @@ def _main(argv: list[str]) -> int:
     if args["crop_scale"] is not None:
         args["crop_scale"] = tuple(args["crop_scale"])
     args.pop("debug")  # handled by run_cli
-    if args["arch"] is None and not (preset and "arch" in PRESETS[preset].overrides):
+    if args["arch"] is None and not (preset and "arch" in RECIPES[preset].overrides):
         build_train_parser().error("--arch is required (or a --preset that sets it)")
     try:
-        config = config_from_preset(preset, **args)
+        config = config_from_recipe(preset, **args)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    from cribo.engine import check_output_dir, train
+    from cribo.pretrain.loop import check_output_dir, train
     check_output_dir(config.output_dir)  # before any compute
     summary = train(config, crash_at_step=crash_at_step)
     print(json.dumps(summary))

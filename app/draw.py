@@ -11,7 +11,8 @@ import html
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-VOID = 255
+from cribo.constants import VOID
+
 VOID_RGB = (128, 128, 128)
 
 __all__ = [

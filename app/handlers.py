@@ -24,7 +24,8 @@ from app.label import editor_mask, labelled_patches
 from app.objects import build_bank, cluster_images, match_objects, view_pixels
 from app.pipeline import VOTES, Segmentation, score, segment
 from app.state import AppState, IndexEntry
-from index.labels import resize_mask
+from cribo.constants import VOID
+from index.labels import paint_patches, resize_mask
 
 __all__ = ["Handlers", "user_errors", "USER_ERRORS", "render_segmentation"]
 
@@ -57,15 +58,15 @@ def user_errors(fn):
     return wrapper
 
 
-def render_segmentation(img: LoadedImage, seg: Segmentation, entry: IndexEntry, mask_path: Path):
+def render_segmentation(img: LoadedImage, seg: Segmentation, entry: IndexEntry, mask_path: Path, patch_size: int):
     """The Segment tab's pictures: overlay, legend HTML and confidence map; writes the label mask PNG
     (class ids, at the uploaded file's size) to ``mask_path``."""
     over = draw.overlay(img.pixels, seg.mask, entry.palette)
     legend = draw.legend_html(entry.class_names, entry.palette, seg.mask, title="Predicted classes (share of pixels)")
     conf = draw.confidence_map(seg.share, seg.grid, img.pixels.shape[:2], img.pixels)
     out_mask = seg.mask
-    if img.note:  # downscaled for processing: the mask goes back to the file's size
-        out_mask = resize_mask(seg.mask, img.original_size)
+    if img.note:  # downscaled for processing: the patch predictions are painted once at the file's size
+        out_mask = paint_patches(seg.pred, seg.grid, patch_size, img.original_size)
     draw.label_mask_png(out_mask, entry.palette, mask_path)
     return over, legend, conf
 
@@ -114,9 +115,9 @@ class Handlers:
         cfg = self.state.config
         if vote not in VOTES:
             raise InputError(f"vote must be one of {VOTES}, got {vote!r}")
-        img = load_image(image, max_side=cfg.max_side, max_pixels=cfg.max_pixels)
         entry = self.current(index_dir, labelled)
         backbone = self.state.backbone()
+        img = load_image(image, max_side=cfg.max_side, max_pixels=cfg.max_pixels, multiple=int(backbone.patch_size))
         gt = None
         if gt_mask is not None:
             gt = load_mask(gt_mask, size=img.original_size, num_classes=entry.num_classes)
@@ -125,13 +126,13 @@ class Handlers:
                       device=cfg.device, precision=cfg.precision)
         t0 = time.perf_counter()
         mask_path = self._new_dir() / f"{_safe_stem(img.name)}_mask.png"
-        over, legend, conf = render_segmentation(img, seg, entry, mask_path)
+        over, legend, conf = render_segmentation(img, seg, entry, mask_path, int(backbone.patch_size))
         t_draw = time.perf_counter() - t0 + seg.timings["paint"]
         timings = {"load": t_load, "forward": seg.timings["forward"], "search": seg.timings["search"],
                    "vote": seg.timings["vote"], "drawing": t_draw}
         timings["total"] = time.perf_counter() - t_start
         latency = " · ".join(f"{name} {_ms(v)}" for name, v in timings.items())
-        present = [int(c) for c in np.unique(seg.mask) if c != 255]
+        present = [int(c) for c in np.unique(seg.mask) if c != VOID]
         details = {"image": img.name, "size": list(img.original_size), "processed_size": list(seg.proc_size),
                    "grid": list(seg.grid), "k": int(k), "vote": vote, "index": entry.source,
                    "index_patches": int(entry.index.ntotal),
@@ -303,7 +304,8 @@ class Handlers:
                    + f". The index now holds {updated.index.ntotal:,} patches (this session only).")
         if query is None:
             return None, None, summary + " Give a query image to see its segmentation change.", updated
-        img = load_image(query, max_side=cfg.max_side, max_pixels=cfg.max_pixels, what="query image")
+        img = load_image(query, max_side=cfg.max_side, max_pixels=cfg.max_pixels, multiple=int(backbone.patch_size),
+                         what="query image")
         kw = dict(k=int(k), vote=vote, device=cfg.device, precision=cfg.precision)
         before = segment(backbone, entry.index, img.pixels, num_classes=entry.num_classes, **kw)
         after = segment(backbone, updated.index, img.pixels, num_classes=updated.num_classes, **kw)

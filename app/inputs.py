@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cribo.constants import VOID
 from cribo.errors import DataError
 
-VOID = 255
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 _MASK_MODES = ("P", "L", "1", "I", "I;16", "I;16L", "I;16B")
 
@@ -53,9 +53,11 @@ def as_path(value, what: str) -> Path:
     return path
 
 
-def load_image(value, *, max_side: int, max_pixels: int, what: str = "image") -> LoadedImage:
+def load_image(value, *, max_side: int, max_pixels: int, multiple: int = 1, what: str = "image") -> LoadedImage:
     """Decode an uploaded image file to RGB; refuse non-images and images above ``max_pixels``;
-    downscale (antialiased) so the longer side is at most ``max_side``.
+    downscale (antialiased) so the longer side is at most ``max_side``, straight to a multiple of
+    ``multiple`` (the patch size: the protocol resize of :func:`index.features.image_features` is then
+    a no-op, so a large upload is resampled once on the way in).
 
     EXIF orientation is not applied (as in :mod:`index.datasets`), so the pixels stay aligned with a
     ground-truth mask of the same file.
@@ -79,6 +81,7 @@ def load_image(value, *, max_side: int, max_pixels: int, what: str = "image") ->
     if max(H, W) > max_side:
         s = max_side / max(H, W)
         h, w = max(1, round(H * s)), max(1, round(W * s))
+        h, w = (h - h % multiple) or h, (w - w % multiple) or w  # floor to the patch grid (if it fits one)
         rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
         note = (f"{path.name} is {W}x{H}: processed at {w}x{h} (longer side {max_side} px); "
                 f"the mask is returned at {W}x{H}")

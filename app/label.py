@@ -13,10 +13,10 @@ import numpy as np
 from PIL import Image
 
 from app.inputs import InputError
+from cribo.constants import VOID
 from index.features import image_features
 from index.labels import patch_labels, resize_mask
 
-VOID = 255
 
 __all__ = ["colours_to_mask", "editor_mask", "labelled_patches"]
 

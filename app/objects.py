@@ -1,14 +1,14 @@
 """What CrIBo learns from, live: joint-space clusters of two views and cross-image object matches.
 
 Clusters (paper Sec. 3.2.1, App. B; Fig. 4): one image -> two augmented views
-(:meth:`cribo.transforms.TwoViewTransform.sample`, seeded) -> the backbone's patch tokens of both views
--> :func:`cribo.clustering.joint_space_clustering` (K clusters, positional weight lambda_pos) ->
-per-view assignments (:func:`split_views`); a cluster present in one view only is dropped
-(:func:`valid_objects`).
+(:meth:`cribo.pretrain.transforms.TwoViewTransform.sample`, seeded) -> the backbone's patch tokens of both views
+-> :func:`cribo.pretrain.step.teacher_objects`, the teacher side of the training step (joint-space
+clustering, K clusters, positional weight lambda_pos -> per-view assignments; a cluster present in one
+view only is dropped).
 
-Matches (Sec. 3.2.2, Eq. 2-4; Fig. 5): object vectors (:func:`object_representations`, mean of the
-member tokens) of the two views of support images are pushed into an
-:class:`cribo.bank.ObjectMemoryBank`; a query's objects are looked up with :meth:`ObjectMemoryBank.query`,
+Matches (Sec. 3.2.2, Eq. 2-4; Fig. 5): object vectors (mean of the member tokens, from
+``teacher_objects``) of the two views of support images are pushed into an
+:class:`cribo.pretrain.bank.ObjectMemoryBank`; a query's objects are looked up with :meth:`ObjectMemoryBank.query`,
 which returns each object's nearest bank slot and the cycle-consistency verdict of the pair.
 """
 from __future__ import annotations
@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cribo.bank import ObjectMemoryBank
-from cribo.clustering import joint_space_clustering, object_representations, split_views, valid_objects
-from cribo.transforms import TwoViewTransform, TwoViews, denormalize
+from cribo.pretrain.bank import ObjectMemoryBank
+from cribo.pretrain.step import teacher_objects
+from cribo.pixels import denormalise
+from cribo.pretrain.transforms import TwoViewTransform, TwoViews
 
 VIEW_SIZE = 224
 
@@ -68,21 +69,20 @@ def cluster_images(backbone, images: list[Image.Image], *, K: int, lambda_pos: f
     x = torch.stack([t for v in views for t in (v.view1, v.view2)]).to(device)  # (2B, 3, S, S)
     tokens = torch.cat([backbone.forward_features(x[s:s + batch_size])["x_norm_patchtokens"].float()
                         for s in range(0, x.shape[0], batch_size)])  # (2B, N, D)
-    z1, z2 = tokens[0::2], tokens[1::2]
-    pos1 = torch.stack([v.coords1 for v in views]).to(device)
-    pos2 = torch.stack([v.coords2 for v in views]).to(device)
+    B = len(views)
+    patches = tokens.unflatten(0, (B, 2)).transpose(0, 1)  # (2, B, N, D): the views to the leading axis
+    coords = torch.stack([torch.stack([v.coords1 for v in views]), torch.stack([v.coords2 for v in views])]).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    assign = joint_space_clustering(z1, z2, pos1, pos2, K, lambda_pos, generator=gen)
-    a1, a2 = split_views(assign, N)
-    valid = valid_objects(a1, a2, K)
-    c1, c2 = object_representations(z1, a1, K), object_representations(z2, a2, K)
+    # The teacher side of the training step (cribo.pretrain.step.teacher_objects), on this backbone.
+    assign, valid, objects = teacher_objects(patches, coords, K, lambda_pos, generator=gen)
+    a1, a2, c1, c2 = assign[0], assign[1], objects[0], objects[1]
     g = VIEW_SIZE // p
     return ClusterResult(views, a1.cpu(), a2.cpu(), valid.cpu(), c1.cpu(), c2.cpu(), (g, g), K)
 
 
 def view_pixels(view: torch.Tensor) -> np.ndarray:
     """A normalised view ``(3, S, S)`` -> ``(S, S, 3)`` uint8 for display."""
-    return (denormalize(view).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    return (denormalise(view).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
 @dataclass

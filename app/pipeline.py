@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cribo.constants import VOID
 from index.features import image_features
 from index.labels import paint_patches, patch_labels, resize_mask
 from index.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
-from index.store import SupportIndex
-from index.transfer import VOTES, check_k, transfer_labels
+from index.store import SupportIndex, check_k
+from index.transfer import VOTES, transfer_labels
 
 __all__ = ["Segmentation", "Scores", "segment", "score", "VOTES"]
 
@@ -48,13 +49,11 @@ class Segmentation:
 
 
 def segment(backbone, index: SupportIndex, image: np.ndarray, *, k: int = 50, vote: str = "majority",
-            num_classes: int, out_size: tuple[int, int] | None = None,
+            num_classes: int,
             device: str | torch.device = "cpu", precision: str = "auto") -> Segmentation:
-    """Segment ``image (H, W, 3) uint8`` by k-NN label transfer from ``index``.
-
-    ``out_size``: size ``(H, W)`` of the returned mask (default: the image's; the app passes the
-    original file size when it downscaled a large upload).
-    """
+    """Segment ``image (H, W, 3) uint8`` by k-NN label transfer from ``index``; the mask is painted at
+    the image's size (a caller that wants another size paints ``pred`` on ``grid`` itself, once, with
+    :func:`index.labels.paint_patches`)."""
     if index.ntotal == 0:
         raise ValueError("the support index is empty: add labelled images to it first")
     check_k(int(k), index.ntotal)
@@ -66,7 +65,7 @@ def segment(backbone, index: SupportIndex, image: np.ndarray, *, k: int = 50, vo
     pred, share = transfer_labels(D, I, index.labels, num_classes, vote)
     t3 = time.perf_counter()
     p = int(backbone.patch_size)
-    mask = paint_patches(pred, grid, p, out_size or image.shape[:2])
+    mask = paint_patches(pred, grid, p, image.shape[:2])
     t4 = time.perf_counter()
     return Segmentation(mask, pred, share, grid, (grid[0] * p, grid[1] * p),
                         {"forward": t1 - t0, "search": t2 - t1, "vote": t3 - t2, "paint": t4 - t3})
@@ -90,7 +89,7 @@ class Scores:
     scored_patches: int
 
 
-def score(seg: Segmentation, gt: np.ndarray, *, patch_size: int, num_classes: int, void: int = 255) -> Scores:
+def score(seg: Segmentation, gt: np.ndarray, *, patch_size: int, num_classes: int, void: int = VOID) -> Scores:
     """Score ``seg`` against ``gt (H, W)`` uint8 (same size as ``seg.mask``; class ids, void 255)."""
     if gt.shape != seg.mask.shape:
         raise ValueError(f"ground truth {gt.shape} and prediction {seg.mask.shape} must have the same size")

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cribo.backbones import load_backbone  # noqa: E402
-from index.datasets import open_dataset  # noqa: E402
-from index.descriptors import PixelPatches, TextureDescriptor  # noqa: E402
-from index.protocol import run_protocol  # noqa: E402
+from cribo.backbones import load_backbone
+from index.datasets import open_dataset
+from index.descriptors import PixelPatches, TextureDescriptor
+from index.protocol import run_protocol
 
 
 def _named(text: str) -> tuple[str, str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,17 +31,16 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from app.draw import class_palette  # noqa: E402
-from app.handlers import render_segmentation  # noqa: E402
-from app.inputs import load_image  # noqa: E402
-from app.pipeline import segment  # noqa: E402
-from app.state import IndexEntry  # noqa: E402
-from cribo.backbones import BUILTIN_WEIGHTS, load_backbone  # noqa: E402
-from index.datasets import open_dataset  # noqa: E402
-from index.features import extract_features, image_features  # noqa: E402
-from index.store import IndexParams, SupportIndex  # noqa: E402
+from app.draw import class_palette
+from app.handlers import render_segmentation
+from app.inputs import load_image
+from app.pipeline import segment
+from app.state import IndexEntry
+from cribo.backbones import BUILTIN_WEIGHTS, load_backbone
+from index.datasets import open_dataset
+from index.features import extract_features, image_features
+from index.store import IndexParams, SupportIndex
 
 GOAL_S = 1.0
 
@@ -123,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                 c0, t0 = time.process_time(), time.perf_counter()
                 seg = segment(backbone, index, img.pixels, k=a.k, num_classes=len(names))
                 t1 = time.perf_counter()
-                render_segmentation(img, seg, entry, Path(tmp) / f"{kind}_{r}.png")
+                render_segmentation(img, seg, entry, Path(tmp) / f"{kind}_{r}.png", int(backbone.patch_size))
                 t2, c2 = time.perf_counter(), time.process_time()
                 if r:  # the first run warms up
                     runs.append({**seg.timings, "draw": seg.timings["paint"] + (t2 - t1), "total": t2 - t0,

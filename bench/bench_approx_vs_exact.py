@@ -23,24 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: the repository's packages first
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from bench_feature_throughput import subset  # noqa: E402
-from cribo.backbones import load_backbone  # noqa: E402
-from index.datasets import open_dataset  # noqa: E402
-from index.features import extract_features  # noqa: E402
-from index.metrics import confusion_matrix, mean_iou  # noqa: E402
-from index.store import IndexParams, SupportIndex  # noqa: E402
-from index.transfer import knn_vote  # noqa: E402
+from bench_feature_throughput import subset
+from cribo.backbones import load_backbone
+from index.datasets import open_dataset
+from index.features import extract_features
+from index.metrics import confusion_matrix, mean_iou
+from index.store import IndexParams, SupportIndex
+from index.transfer import knn_vote
 
 CHUNK = 8192
 

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cribo.bank import ObjectMemoryBank
+from cribo.pretrain.bank import ObjectMemoryBank
 from cribo.io import write_json
 
 GIB = 2**30

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from cribo.checkpoint import content_checksum, load_checkpoint, save_checkpoint  # noqa: E402
+from cribo.pretrain.checkpoint import content_checksum, load_checkpoint, save_checkpoint
 
 
 def best(fn, repeats: int) -> float:

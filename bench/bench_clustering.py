@@ -32,22 +32,19 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from cribo.clustering import joint_space_clustering  # noqa: E402
-from cribo.transforms import patch_centres, random_resized_crop_params  # noqa: E402
+from cribo.pretrain.clustering import joint_space_clustering
+from cribo.pretrain.transforms import patch_centres, random_resized_crop_params
 
 
 # ----------------------------------------------------------------------------------------- BASELINE
 def baseline_positional_cost(dist: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
     """BASELINE: the reference's 2N x 2N x K positional cost. dist (B, M, M) (diagonal irrelevant),
-    assign (B, M) in [-1, K). Returns (B, M, K), same definition as cribo.clustering.positional_cost."""
+    assign (B, M) in [-1, K). Returns (B, M, K), same definition as cribo.pretrain.clustering.positional_cost."""
     B, M, _ = dist.shape
     member = F.one_hot(assign.clamp_min(0), K).bool() & (assign >= 0)[..., None]  # (B, M, K)
     not_self = ~torch.eye(M, dtype=torch.bool, device=dist.device)  # (M, M)
@@ -62,7 +59,7 @@ def baseline_positional_cost(dist: torch.Tensor, assign: torch.Tensor, K: int) -
 
 @torch.no_grad()
 def baseline_clustering(z1, z2, pos1, pos2, K, lambda_pos, n_outer=5, n_sinkhorn=5, eps=0.05, generator=None):
-    """BASELINE: the same algorithm as cribo.clustering.joint_space_clustering, but with the
+    """BASELINE: the same algorithm as cribo.pretrain.clustering.joint_space_clustering, but with the
     reference's (B, 2N, 2N, K) positional cost and plain full-matrix Sinkhorn normalisations."""
     z = F.normalize(torch.cat([z1, z2], dim=1).float(), dim=-1)
     B, M, D = z.shape

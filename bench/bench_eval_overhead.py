@@ -28,28 +28,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: the repository's packages first
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import faiss
+import numpy as np
+import torch
 
-from bench_feature_throughput import bare_forward_seconds, preload_batches, subset, warm_up  # noqa: E402
-from cribo.backbones import load_backbone  # noqa: E402
-from cribo.precision import resolve_precision  # noqa: E402
-from index.datasets import open_dataset  # noqa: E402
-from index.metrics import confusion_matrix, mean_iou  # noqa: E402
-from index.protocol import _predict, run_protocol  # noqa: E402
-from index.reranked import RerankedIndex, RerankParams  # noqa: E402
-from index.search import build_search_index  # noqa: E402
-from index.store import IndexParams  # noqa: E402
+from bench_feature_throughput import bare_forward_seconds, preload_batches, subset, warm_up
+from cribo.backbones import load_backbone
+from cribo.precision import resolve_precision
+from index.datasets import open_dataset
+from index.metrics import confusion_matrix, mean_iou
+from index.protocol import _predict, run_protocol
+from index.reranked import RerankedIndex, RerankParams
+from index.search import build_search_index
+from index.store import IndexParams
 
 
 def _cache(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:

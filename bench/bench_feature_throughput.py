@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: the repository's packages first
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from cribo.backbones import load_backbone  # noqa: E402
-from cribo.precision import autocast, resolve_precision  # noqa: E402
-from index.datasets import FileSegDataset, open_dataset  # noqa: E402
-from index.features import IMAGENET_MEAN, IMAGENET_STD, extract_features, size_batches  # noqa: E402
-from index.labels import protocol_size, resize_image  # noqa: E402
+from cribo.backbones import load_backbone
+from cribo.precision import autocast, resolve_precision
+from index.datasets import FileSegDataset, open_dataset
+from cribo.constants import IMAGENET_MEAN, IMAGENET_STD
+from index.features import extract_features, size_batches
+from index.labels import protocol_size, resize_image
 
 
 def subset(ds: FileSegDataset, n: int) -> FileSegDataset:

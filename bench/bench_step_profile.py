@@ -3,7 +3,7 @@
     python bench/bench_step_profile.py                         # ViT-S/16 at 224, batch 16 and 32, CPU
     python bench/bench_step_profile.py --device cuda --batch-sizes 64 128
 
-Times full optimisation steps of :class:`cribo.engine.CrIBoTrainer` (the training code itself, not a
+Times full optimisation steps of :class:`cribo.pretrain.step.CrIBoTrainer` (the training code itself, not a
 copy) on in-memory random views, after ``--warmup`` steps, with the banks FULL (``--bank-images``
 images of random objects pushed first), so the nearest-neighbour search scans a paper-sized queue.
 Data loading is excluded (Table 9 has no data row). The CrIBo-specific share is
@@ -17,23 +17,22 @@ and fp32 elsewhere: bf16 autocast is several times slower than fp32 on AVX2-only
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cribo.config import TrainConfig  # noqa: E402
-from cribo.engine import TIME_SPLITS, CrIBoTrainer, peak_memory_mb  # noqa: E402
-from cribo.precision import resolve_precision  # noqa: E402
+from cribo.precision import resolve_precision
+from cribo.pretrain.config import TrainConfig
+from cribo.pretrain.step import CrIBoTrainer
+from cribo.pretrain.timing import TIME_SPLITS, StepTimer, peak_memory_mb
 
 ROWS = (  # (label, Table 9 operation, timer sections)
-    ("Forward pass", "f_t + f_s + global heads (+ losses)", ("forward",)),
-    ("Clustering", "Q* = C(.)", ("clustering",)),
+    ("Forward pass", "f_t + f_s + global heads + h_s(.) (+ losses)", ("forward",)),
+    ("Clustering", "Q* = C(.) + object pooling", ("clustering",)),
     ("NN retrieval", "nn(.) + update(M_i)", ("nn_bank",)),
-    ("Object projections", "h_t(.) + h_s(.)", ("object_proj",)),
+    ("Object projections", "h_t(.) (h_s(.) runs inside the student's one call)", ("object_proj",)),
     ("Weights update", "backprop. + EMA", ("backward_ema",)),
 )
 CRIBO_SPECIFIC = ("clustering", "nn_bank", "object_proj")
@@ -75,18 +74,19 @@ def profile(args: argparse.Namespace, batch_size: int, precision: str) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     batches = [synthetic_batch(batch_size, args.img_size, trainer.patch_size, g) for _ in range(2)]
     walls = []
+    timer = StepTimer(device)
     for it in range(total):
         if it == args.warmup:
-            trainer.timer.reset()
+            timer.reset()
         t0 = time.perf_counter()
-        stats = trainer.step(batches[it % 2], it)
-        trainer.timer.end_step()
+        stats = trainer.step(batches[it % 2], it, timer)
+        timer.end_step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         walls.append(time.perf_counter() - t0)
         print(f"  batch {batch_size} step {it + 1}/{total}: {walls[-1] * 1e3:.0f} ms"
               f"{' (warm-up)' if it < args.warmup else ''}, loss {stats['loss'].item():.3f}", flush=True)
-    means = trainer.timer.mean()
+    means = timer.mean()
     step = sum(means[s] for s in TIME_SPLITS)
     return {"batch_size": batch_size, "precision": precision, "ms": {s: means[s] * 1e3 for s in TIME_SPLITS},
             "step_ms": step * 1e3, "wall_step_ms": sum(walls[args.warmup:]) / args.steps * 1e3,

@@ -3,7 +3,7 @@
 Reads ``../shared/reference/cribo-golden/clustering_{gauss,vit}.npz`` (outputs of tileb1/CrIBo @
 311f569, see its README) and prints, for each case, mode and reference option, the fraction of joint
 tokens put in the same cluster, the agreement of the kept-cluster flags, and the mean number of kept
-clusters per image. Then one row per rule of ``cribo.clustering.ClusteringRules``: the paper mode
+clusters per image. Then one row per rule of ``cribo.pretrain.clustering.ClusteringRules``: the paper mode
 with that one rule switched to the reference's, against the authors' uniform-marginal option
 (``--update_c false``), which isolates the effect of each remaining difference.
 
@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from cribo.clustering import CLUSTERING_RULES, joint_space_clustering, split_views, valid_objects  # noqa: E402
+from cribo.pretrain.clustering import CLUSTERING_RULES, joint_space_clustering, split_views, valid_objects
 
 GOLDEN = REPO.parent / "shared" / "reference" / "cribo-golden"
 REFS = {"ref_default": "authors, update_c true", "ref_uniformc": "authors, update_c false"}

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from index.cli import add_backbone_args, add_data_args, backbone_from_args  # noqa: E402
-from index.datasets import open_dataset  # noqa: E402
-from index.features import image_features  # noqa: E402
-from index.labels import patch_labels, protocol_size, resize_image, resize_mask  # noqa: E402
+from index.cli import add_backbone_args, add_data_args, backbone_from_args
+from index.datasets import open_dataset
+from index.features import image_features
+from index.labels import patch_labels, protocol_size, resize_image, resize_mask
 
 
 def pixel_tokens(image: np.ndarray, p: int) -> np.ndarray:
@@ -41,7 +38,7 @@ def main() -> None:
     add_data_args(ap)
     ap.add_argument("--split", default="val")
     ap.add_argument("--num-images", type=int, default=60)
-    add_backbone_args(ap, "--init-seed")
+    add_backbone_args(ap)
     ap.add_argument("--pixels", action="store_true", help="raw patch pixels instead of a backbone")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -25,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cribo.backbones import Backbone, create_vit, export_backbone  # noqa: E402
-from cribo.precision import autocast, resolve_precision  # noqa: E402
-from index.datasets import open_dataset  # noqa: E402
-from index.features import normalise_pixels  # noqa: E402
-from index.labels import patch_labels  # noqa: E402
+from cribo.backbones import Backbone, create_vit, export_backbone
+from cribo.precision import autocast, resolve_precision
+from index.datasets import open_dataset
+from index.features import normalise_pixels
+from index.labels import patch_labels
 
 
 class PatchCrops(Dataset):

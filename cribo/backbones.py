@@ -35,7 +35,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
-from cribo import presets
+from cribo import releases
 from cribo.dirswap import TargetError, check_output_file
 from cribo.errors import TORCH_LOAD_ERRORS, TORCH_PROTOCOL_WARNING, DataError
 from cribo.io import atomic_path, write_json
@@ -83,7 +83,7 @@ def known_names() -> list[str]:
     """Every listed ``name``; besides these, any timm ``VisionTransformer`` name (``vit_small_patch14_dinov2``,
     ``vit_small_patch14_reg4_dinov2``, ``deit_small_patch16_224``, ...) and timm pretrained tags
     ``<arch>.<tag>`` (vit_small_patch16_224.dino) are accepted."""
-    return ["builtin", *presets.PRESETS, *ARCHS]
+    return ["builtin", *releases.RELEASES, *ARCHS]
 
 
 def create_vit(arch: str, *, drop_path_rate: float = 0.0) -> VisionTransformer:
@@ -135,6 +135,38 @@ def _timm_vit(arch: str, **kwargs) -> VisionTransformer:
                              patch_size=spec.patch_size, **kwargs)
 
 
+def registered_arch(arch: str) -> ArchSpec:
+    """The :class:`ArchSpec` of a registered ``arch`` (``ARCHS``: the ones training builds)."""
+    if arch not in ARCHS:
+        raise ValueError(f"--arch {arch!r} is not supported; choose one of {', '.join(ARCHS)}")
+    return ARCHS[arch]
+
+
+def named_outputs(vit: VisionTransformer, x: torch.Tensor) -> dict:
+    """The named output contract of a timm ViT: x (B,3,H,W), H and W multiples of the patch size ->
+    tokens after the final LayerNorm.
+
+    Returns ``x_norm_clstoken`` (B,D), ``x_norm_patchtokens`` (B,h*w,D) (row-major over the (h,w)
+    grid, every prefix token dropped: class token and registers; not L2-normalised) and ``grid`` =
+    (h, w). A ViT without a class token gives the mean patch token as ``x_norm_clstoken``. Used by
+    :class:`Backbone` (retrieval, the app) and by the training step on its raw student / teacher ViTs.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B,3,H,W), got {tuple(x.shape)}")
+    (H, W), p = x.shape[-2:], patch_stride(vit)
+    if H % p or W % p:
+        # timm's patch convolution would silently drop the remainder rows/columns.
+        raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}: "
+                         "resize or crop it first (index.labels.protocol_size gives a valid size)")
+    tokens = vit.forward_features(x)  # (B, num_prefix + h*w, D), final norm applied
+    patches = tokens[:, vit.num_prefix_tokens:]  # (B, h*w, D)
+    if patches.shape[1] != (H // p) * (W // p):
+        raise RuntimeError(f"{type(vit).__name__} returned {patches.shape[1]} patch tokens for a {H}x{W} input, "
+                           f"expected {(H // p) * (W // p)}")
+    cls = tokens[:, 0] if vit.cls_token is not None else patches.mean(dim=1)
+    return {"x_norm_clstoken": cls, "x_norm_patchtokens": patches, "grid": (H // p, W // p)}
+
+
 def patch_stride(vit: VisionTransformer) -> int:
     """Pixels per token side: the patchify kernel, or for a convolutional stem (timm ``HybridEmbed``) the
     stem's downsampling ratio times the projection's kernel."""
@@ -183,20 +215,7 @@ class Backbone(nn.Module):
         (h,w) grid, every prefix token dropped: class token and registers; not L2-normalised) and
         ``grid`` = (h, w). A ViT without a class token gives the mean patch token as ``x_norm_clstoken``.
         """
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images of shape (B,3,H,W), got {tuple(x.shape)}")
-        (H, W), p = x.shape[-2:], self.patch_size
-        if H % p or W % p:
-            # timm's patch convolution would silently drop the remainder rows/columns.
-            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}: "
-                             "resize or crop it first (index.labels.protocol_size gives a valid size)")
-        tokens = self.vit.forward_features(x)  # (B, num_prefix + h*w, D), final norm applied
-        patches = tokens[:, self.num_prefix_tokens:]  # (B, h*w, D)
-        if patches.shape[1] != (H // p) * (W // p):
-            raise RuntimeError(f"{self.arch} returned {patches.shape[1]} patch tokens for a {H}x{W} input, "
-                               f"expected {(H // p) * (W // p)}")
-        cls = tokens[:, 0] if self.has_class_token else patches.mean(dim=1)
-        return {"x_norm_clstoken": cls, "x_norm_patchtokens": patches, "grid": (H // p, W // p)}
+        return named_outputs(self.vit, x)
 
     def forward(self, x: torch.Tensor) -> dict:
         return self.forward_features(x)
@@ -232,7 +251,7 @@ def load_backbone(name: str | None = None, weights: str | os.PathLike | None = N
     """Build a ``Backbone`` in eval mode on ``device``.
 
     name: a registered arch (``ARCHS``), ``"builtin"`` (``BUILTIN_WEIGHTS``), a preset
-        (``cribo.presets.PRESETS``; downloaded to ``cache_dir``, default ~/.cache/cribo/checkpoints)
+        (``cribo.releases.RELEASES``; downloaded to ``cache_dir``, default ~/.cache/cribo/checkpoints)
         or a timm pretrained tag ``<arch>.<tag>`` (e.g. ``vit_small_patch16_224.dino``, from the hub).
     weights: a file, format auto-detected: our export (``X.safetensors`` + ``X.json``, arch read
         from the json), a plain safetensors / torch state dict of a timm ViT with ``num_classes=0``
@@ -258,13 +277,13 @@ def load_backbone(name: str | None = None, weights: str | os.PathLike | None = N
             vit = create_vit(arch)
         backbone = Backbone(vit, arch, f"random:{arch}:seed{seed}", f"random init ({arch}, seed {seed})")
         return backbone.to(device).eval()
-    if name == "builtin" or name in presets.PRESETS:
+    if name == "builtin" or name in releases.RELEASES:
         if weights is not None:
             raise ValueError(f"name={name!r} brings its own weights; do not also pass weights={weights!r}")
-        weights = _builtin_weights() if name == "builtin" else _preset_weights(name, cache_dir)
+        weights = _builtin_weights() if name == "builtin" else _release_weights(name, cache_dir)
     if weights is None:
         raise ValueError(f"no weights for {name!r}: pass weights=<file>, random_init=True, a preset "
-                         f"({', '.join(presets.PRESETS)}), 'builtin' or a timm tag like "
+                         f"({', '.join(releases.RELEASES)}), 'builtin' or a timm tag like "
                          "vit_small_patch16_224.dino")
     return _from_file(Path(weights), arch, label=name if arch != name else None).to(device).eval()
 
@@ -277,8 +296,8 @@ def _arch_of_name(name: str | None) -> str | None:
         return name
     if name == "builtin":
         return BUILTIN_ARCH
-    if name in presets.PRESETS:
-        return presets.PRESETS[name].arch
+    if name in releases.RELEASES:
+        return releases.RELEASES[name].arch
     raise _unknown(name)
 
 
@@ -293,14 +312,14 @@ def _builtin_weights() -> Path:
         raise BackboneLoadError(
             f"the builtin backbone weights are missing: {BUILTIN_WEIGHTS} (and its .json). They are "
             "produced by the recipe in cribo/weights/MODEL_CARD.md; or use a preset "
-            f"({', '.join(presets.PRESETS)}) or pass a weights file")
+            f"({', '.join(releases.RELEASES)}) or pass a weights file")
     return Path(BUILTIN_WEIGHTS)
 
 
-def _preset_weights(name: str, cache_dir: str | os.PathLike | None) -> Path:
+def _release_weights(name: str, cache_dir: str | os.PathLike | None) -> Path:
     try:
-        return presets.download_preset(name, cache_dir)
-    except presets.PresetDownloadError as err:  # one error type for callers of load_backbone
+        return releases.download_release(name, cache_dir)
+    except releases.ReleaseDownloadError as err:  # one error type for callers of load_backbone
         raise BackboneLoadError(str(err)) from err
 
 

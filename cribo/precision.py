@@ -12,7 +12,10 @@ from typing import ContextManager
 
 import torch
 
+#: The precisions a CLI accepts (``auto`` is resolved per device by :func:`resolve_precision`).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: The concrete ones and their torch dtypes: autocast, feature banks, search matrices (``--bank-dtype``).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def device_supports_bf16(device: torch.device | str) -> bool:
@@ -41,5 +44,5 @@ def autocast(precision: str, device: torch.device | str) -> ContextManager:
     device = torch.device(device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = DTYPES[precision]
     return torch.autocast(device.type, dtype=dtype)

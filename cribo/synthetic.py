@@ -36,10 +36,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from cribo.constants import VOID
 from cribo.errors import CliParser, run_cli
 from cribo.io import atomic_path, write_text
 
-VOID = 255
 REF_SIZE = 256  # textures and sizes are specified in pixels of a REF_SIZE x REF_SIZE image
 
 # Colour families (RGB). Each class draws from four of them; every family is shared by 6-10 of the 22.

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from cribo.contracts import SegDatasetProtocol
 from index.datasets import DatasetError
 from index.labels import resize_image, resize_mask
 
@@ -30,7 +31,7 @@ class BoundedDataset:
     Every other attribute (``ids``, ``class_names``, ``split``, ``root``, ...) is the wrapped dataset's.
     """
 
-    def __init__(self, dataset: Any, max_side: int, *, downscale: bool, patch_size: int = 1):
+    def __init__(self, dataset: SegDatasetProtocol, max_side: int, *, downscale: bool, patch_size: int = 1):
         if max_side < max(1, patch_size):
             raise ValueError(f"--max-side must be >= the patch size {patch_size}, got {max_side}")
         self.dataset, self.max_side, self.downscale = dataset, int(max_side), downscale
@@ -87,7 +88,7 @@ class BoundedDataset:
         return f"{inner}:max_side={self.max_side}" if self.downscale else inner
 
 
-def bound_dataset(dataset: Any, max_side: int | None, patch_size: int = 1) -> BoundedDataset:
+def bound_dataset(dataset: SegDatasetProtocol, max_side: int | None, patch_size: int = 1) -> BoundedDataset:
     """``dataset`` refusing images above :data:`DEFAULT_MAX_SIDE` (``max_side=None``), or downscaling
     those above an explicit ``max_side``; images smaller than one ``patch_size`` patch are refused."""
     if max_side is None:

@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from cribo.argtypes import non_negative_int, positive_int
+from cribo.argtypes import DeprecatedFlag, non_negative_int, positive_int
 from cribo.backbones import Backbone, load_backbone
 from index.bounds import DEFAULT_MAX_SIDE
 from index.datasets import KINDS
@@ -19,15 +19,19 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="dataset folder (VOC: holds JPEGImages/ or VOC2012/)")
 
 
-def add_backbone_args(p: argparse.ArgumentParser, seed_flag: str) -> None:
-    """``--backbone``, ``--weights | --random-init`` and the random-init seed under ``seed_flag``."""
+def add_backbone_args(p: argparse.ArgumentParser, *, legacy_seed_flag: bool = False) -> None:
+    """``--backbone``, ``--weights | --random-init`` and ``--init-seed`` (the random-init seed; every CLI
+    spells it so). ``legacy_seed_flag``: also accept the old spelling ``--seed`` (deprecated)."""
     p.add_argument("--backbone", help="timm arch, 'builtin' or a preset (default: builtin, or the arch "
                                       "recorded in a self-describing --weights file)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", help="backbone weights file (export, state dict, CrIBo/DINO checkpoint)")
-    w.add_argument("--random-init", action="store_true", help=f"freshly initialised --backbone (with {seed_flag})")
-    p.add_argument(seed_flag, dest="init_seed", metavar="SEED", type=non_negative_int, default=0,
+    w.add_argument("--random-init", action="store_true", help="freshly initialised --backbone (with --init-seed)")
+    p.add_argument("--init-seed", dest="init_seed", metavar="SEED", type=non_negative_int, default=0,
                    help="seed of --random-init (default 0)")
+    if legacy_seed_flag:
+        p.add_argument("--seed", dest="init_seed", metavar="SEED", type=non_negative_int, action=DeprecatedFlag,
+                       new_flag="--init-seed")
 
 
 def add_extraction_args(p: argparse.ArgumentParser) -> None:

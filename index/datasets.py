@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cribo.constants import VOID
 from cribo.errors import EXIT_USAGE, DataError
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
     "VOID",
 ]
 
-VOID = 255
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 DEFAULT_SPLITS: dict[str, tuple[str, str]] = {

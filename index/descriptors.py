@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from index.features import IMAGENET_MEAN, IMAGENET_STD
+from cribo.pixels import denormalise, normalise
 
 __all__ = ["PixelPatches", "TextureDescriptor", "lbp_riu2_codes"]
 
@@ -50,9 +50,7 @@ class _HandMade(torch.nn.Module):
         (H, W), p = x.shape[-2:], self.patch_size
         if x.ndim != 4 or x.shape[1] != 3 or H % p or W % p:
             raise ValueError(f"expected (B, 3, H, W) with H, W multiples of {p}, got {tuple(x.shape)}")
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        rgb = (x.float() * std + mean).clamp(0, 1)
+        rgb = denormalise(x.float())
         v = self.patch_vectors(rgb)  # (B, D, h, w)
         tokens = v.flatten(2).transpose(1, 2)  # (B, h*w, D), row-major
         return {"x_norm_clstoken": tokens.mean(1), "x_norm_patchtokens": tokens, "grid": (H // p, W // p)}
@@ -71,11 +69,9 @@ class PixelPatches(_HandMade):
         self.embed_dim = 3 * self.patch_size**2
 
     def patch_vectors(self, rgb: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(IMAGENET_MEAN, device=rgb.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=rgb.device).view(1, 3, 1, 1)
         p = self.patch_size
         B, _, H, W = rgb.shape
-        unfolded = F.unfold((rgb - mean) / std, kernel_size=p, stride=p)  # (B, 3 p^2, h*w)
+        unfolded = F.unfold(normalise(rgb), kernel_size=p, stride=p)  # (B, 3 p^2, h*w)
         return unfolded.view(B, 3 * p * p, H // p, W // p)
 
 

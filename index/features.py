@@ -43,29 +43,27 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cribo import dist
+from cribo.contracts import BackboneProtocol, SegDatasetProtocol
 from cribo.errors import DataError
+from cribo.pixels import normalise
 from cribo.precision import autocast, resolve_precision
 from index.labels import patch_labels, protocol_size, resize_image, resize_mask
 
 __all__ = ["FeatureSet", "extract_features", "image_features", "normalise_pixels", "dataset_fingerprint",
-           "cache_key", "size_batches", "IMAGENET_MEAN", "IMAGENET_STD", "RESOLUTION_RULE", "FeatureCacheError"]
+           "cache_key", "size_batches", "RESOLUTION_RULE", "FeatureCacheError"]
 
 FORMAT_VERSION = 1
 RESOLUTION_RULE = "floor-to-patch-multiple"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURES_FILE, LABELS_FILE, META_FILE = "features.npy", "labels.npy", "meta.json"
 
 
 def normalise_pixels(x: torch.Tensor) -> torch.Tensor:
     """``x (B, 3, H, W)`` uint8 pixels -> float32 ImageNet-normalised model input, on ``x``'s device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x.float().div_(255) - mean) / std
+    return normalise(x.float().div(255))
 
 
 @torch.inference_mode()
-def image_features(backbone: Any, image: np.ndarray, *, device: str | torch.device = "cpu",
+def image_features(backbone: BackboneProtocol, image: np.ndarray, *, device: str | torch.device = "cpu",
                    precision: str = "auto") -> tuple[np.ndarray, tuple[int, int]]:
     """L2-normalised patch tokens of one ``image (H, W, 3) uint8`` at the protocol resolution.
 
@@ -138,7 +136,7 @@ class FeatureSet:
         return rows[self.labels[rows] >= 0] if labelled_only else rows
 
 
-def dataset_fingerprint(dataset: Any) -> dict[str, Any]:
+def dataset_fingerprint(dataset: SegDatasetProtocol) -> dict[str, Any]:
     """What identifies a split's content for the cache.
 
     kind, root realpath, split, image and class counts, a hash of the ids, and
@@ -183,7 +181,7 @@ def size_batches(sizes: np.ndarray, batch_size: int) -> list[list[int]]:
 class _MaskPass(Dataset):
     """Item ``i`` -> (i, (H, W), (H', W'), patch labels (h*w,) int16): masks only, no image decode."""
 
-    def __init__(self, dataset: Any, patch_size: int):
+    def __init__(self, dataset: SegDatasetProtocol, patch_size: int):
         self.dataset, self.p = dataset, patch_size
         self.num_classes = len(dataset.class_names)
 
@@ -201,7 +199,7 @@ class _MaskPass(Dataset):
 class _ImagePass(Dataset):
     """Item ``i`` -> (i, image (3, H', W') uint8 tensor) at the protocol size found by the mask pass."""
 
-    def __init__(self, dataset: Any, sizes: np.ndarray, protocol_sizes: np.ndarray):
+    def __init__(self, dataset: SegDatasetProtocol, sizes: np.ndarray, protocol_sizes: np.ndarray):
         self.dataset, self.sizes, self.protocol_sizes = dataset, sizes, protocol_sizes
 
     def __len__(self) -> int:
@@ -242,8 +240,8 @@ def _load_cache(path: Path) -> FeatureSet:
 
 
 def extract_features(
-    backbone: Any,
-    dataset: Any,
+    backbone: BackboneProtocol,
+    dataset: SegDatasetProtocol,
     cache_dir: str | os.PathLike,
     *,
     precision: str = "auto",
@@ -311,7 +309,7 @@ def extract_features(
     return fs
 
 
-def _extract_into(out: Path, backbone: Any, dataset: Any, precision: str, device: torch.device,
+def _extract_into(out: Path, backbone: BackboneProtocol, dataset: SegDatasetProtocol, precision: str, device: torch.device,
                   batch_size: int, num_workers: int, progress: bool) -> dict[str, Any]:
     """Write labels.npy and features.npy of ``dataset`` into ``out``; return the cache metadata.
 

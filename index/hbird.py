@@ -42,17 +42,20 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cribo import dist
+from cribo.contracts import BackboneProtocol, SegDatasetProtocol
+from cribo.constants import IMAGENET_STD
+from cribo.crops import resized_crop_box
+from cribo.pixels import normalise
 from cribo.precision import autocast, resolve_precision
-from index.features import IMAGENET_MEAN, IMAGENET_STD
 from index.labels import patch_class_histograms
 from index.protocol import (backbone_meta, check_run_arguments, dataset_meta, plan_runs, record_run,
                             run_support_ids, score_confusion, summarise_ratios)
 from index.report import log_event, write_reports
-from index.store import IndexParams, SupportIndex
+from index.store import IndexParams, SupportIndex, check_k
 from index.support_lists import SupportList
 from index.search import build_search_index
 from index.torch_search import TorchExactIndex
-from index.transfer import SOFT_TEMPERATURE, check_k, soft_vote
+from index.transfer import SOFT_TEMPERATURE, soft_vote
 
 __all__ = ["HbirdOptions", "HBIRD_STD", "AUGMENTS", "random_resized_crop_box", "memory_view",
            "sample_patches", "build_memory", "query_set", "score_queries", "run_hbird"]
@@ -108,25 +111,10 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
     """``(top, left, h, w)`` of a random crop, torchvision's ``RandomResizedCrop.get_params`` rule:
     10 tries of area ``U(scale) x H x W`` and log-uniform aspect in ``ratio``; the first that fits
     wins, else the centre crop of the whole image clamped to ``ratio``."""
-    area = height * width
     log_ratio = np.log(ratio)
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = float(np.exp(rng.uniform(*log_ratio)))
-        w = int(round(np.sqrt(target * aspect)))
-        h = int(round(np.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return resized_crop_box(height, width, ratio, area_fraction=lambda: rng.uniform(*scale),
+                            aspect=lambda: float(np.exp(rng.uniform(*log_ratio))),
+                            integer=lambda n: int(rng.integers(0, n)))
 
 
 def _colour_jitter(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -157,12 +145,10 @@ def memory_view(image: np.ndarray, mask: np.ndarray, size: int, augment: str,
 
 def _normalise(x: torch.Tensor, pixel_std: str) -> torch.Tensor:
     """``x (B, 3, H, W)`` float in [0, 1] -> normalised model input."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STDS[pixel_std], device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalise(x, PIXEL_STDS[pixel_std])
 
 
-def _forward(backbone: Any, x: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
+def _forward(backbone: BackboneProtocol, x: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
     """``x (B, 3, S, S)`` -> L2-normalised patch tokens ``(B, s*s, D)`` float32 on the CPU."""
     with torch.inference_mode(), autocast(precision, device):
         tokens = backbone.forward_features(x.to(device))["x_norm_patchtokens"]
@@ -193,7 +179,7 @@ def sample_patches(dists: np.ndarray, per_image: int, rng: np.random.Generator) 
     return np.argsort(score, axis=1, kind="stable")[:, :k]
 
 
-def _image_and_mask(dataset: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
+def _image_and_mask(dataset: SegDatasetProtocol, i: int) -> tuple[np.ndarray, np.ndarray]:
     image, mask = dataset.load_image(i), dataset.load_mask(i)
     if image.shape[:2] != mask.shape:
         raise ValueError(f"image {dataset.ids[i]!r} is {image.shape[0]}x{image.shape[1]} but its mask is "
@@ -201,7 +187,7 @@ def _image_and_mask(dataset: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-def build_memory(backbone: Any, dataset: Any, images: list[int], options: HbirdOptions, *, seed: int,
+def build_memory(backbone: BackboneProtocol, dataset: SegDatasetProtocol, images: list[int], options: HbirdOptions, *, seed: int,
                  device: torch.device, precision: str, batch_size: int,
                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """The support memory: ``features (M, D) float32`` (L2-normalised), ``distributions (M, C) float32``
@@ -253,7 +239,7 @@ class QuerySet:
     forward_seconds: float
 
 
-def query_set(backbone: Any, dataset: Any, options: HbirdOptions, *, device: torch.device, precision: str,
+def query_set(backbone: BackboneProtocol, dataset: SegDatasetProtocol, options: HbirdOptions, *, device: torch.device, precision: str,
               batch_size: int, progress: bool = True) -> QuerySet:
     """Every image of ``dataset`` resized to ``input_size`` squared, its patch tokens and resized mask."""
     S, n = options.input_size, len(dataset.ids)
@@ -323,9 +309,9 @@ def memory_index(feats: np.ndarray, dists: np.ndarray, kind: str, params: IndexP
 
 
 def run_hbird(
-    backbone: Any,
-    train_ds: Any,
-    val_ds: Any,
+    backbone: BackboneProtocol,
+    train_ds: SegDatasetProtocol,
+    val_ds: SegDatasetProtocol,
     *,
     options: HbirdOptions = HbirdOptions(),
     ratios: Sequence[int] = (1, 8, 64, 128),

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from cribo.constants import VOID
+
 __all__ = [
     "protocol_size",
     "resize_image",
@@ -96,7 +98,7 @@ def _patch_counts(mask: np.ndarray, p: int, num_classes: int, void: int) -> np.n
     return np.bincount(flat, minlength=h * w * num_classes).reshape(h * w, num_classes)
 
 
-def patch_labels(mask: np.ndarray, p: int, num_classes: int, void: int = 255) -> np.ndarray:
+def patch_labels(mask: np.ndarray, p: int, num_classes: int, void: int = VOID) -> np.ndarray:
     """Majority label of each ``p x p`` patch of ``mask (H',W')``, ignoring void (protocol step 3).
 
     Returns ``(h*w,)`` int64: the class with the most valid pixels, ties to the smallest class id,
@@ -109,7 +111,7 @@ def patch_labels(mask: np.ndarray, p: int, num_classes: int, void: int = 255) ->
     return labels
 
 
-def patch_class_histograms(mask: np.ndarray, p: int, num_classes: int, void: int = 255) -> np.ndarray:
+def patch_class_histograms(mask: np.ndarray, p: int, num_classes: int, void: int = VOID) -> np.ndarray:
     """Soft patch labels for the Hummingbird option: ``(h*w, C)`` float32 class fractions.
 
     Row ``i`` holds the fraction of patch ``i``'s valid (non-void) pixels in each class; it sums
@@ -121,7 +123,7 @@ def patch_class_histograms(mask: np.ndarray, p: int, num_classes: int, void: int
 
 
 def paint_patches(
-    pred: np.ndarray, grid: tuple[int, int], p: int, out_size: tuple[int, int], void: int = 255
+    pred: np.ndarray, grid: tuple[int, int], p: int, out_size: tuple[int, int], void: int = VOID
 ) -> np.ndarray:
     """Paint each patch's prediction over its ``p x p`` pixels, then resize (nearest) to ``out_size``.
 

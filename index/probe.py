@@ -18,10 +18,12 @@ from typing import Any
 import faiss
 import numpy as np
 
+from cribo.contracts import BackboneProtocol
 from index.features import image_features
 from index.labels import patch_labels, protocol_size, resize_mask
 from index.metrics import confusion_matrix, mean_iou
-from index.transfer import check_k, knn_vote
+from index.store import check_k
+from index.transfer import knn_vote
 
 __all__ = ["RetrievalProbe", "patch_nn_rates"]
 
@@ -70,7 +72,7 @@ class RetrievalProbe:
         self.support = [(support.load_image(i), support.load_mask(i)) for i in range(min(num_support, len(support)))]
         self.queries = [(queries.load_image(i), queries.load_mask(i)) for i in range(min(num_queries, len(queries)))]
 
-    def _encode(self, backbone: Any, pairs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _encode(self, backbone: BackboneProtocol, pairs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """tokens (P, D), labels (P,), image index (P,), grid cell (P,) of ``pairs``."""
         p = int(backbone.patch_size)
         tokens, labels, image_of, cell = [], [], [], []
@@ -83,7 +85,7 @@ class RetrievalProbe:
             cell.append(np.arange(len(t)))
         return tuple(np.concatenate(a) for a in (tokens, labels, image_of, cell))
 
-    def __call__(self, backbone: Any) -> dict[str, float]:
+    def __call__(self, backbone: BackboneProtocol) -> dict[str, float]:
         """``{"eval_miou": %, "eval_patch_nn": rate, "eval_seconds": s}`` for ``backbone``."""
         t0 = time.perf_counter()
         s_tok, s_lab, _, _ = self._encode(backbone, self.support)

@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cribo import dist
+from cribo.contracts import BackboneProtocol, SegDatasetProtocol
 from index.features import RESOLUTION_RULE, FeatureSet, extract_features
 from index.labels import patch_class_histograms, resize_mask
 from index.matching import METRICS, match_confusion
@@ -48,9 +49,9 @@ from index.metrics import SCORED_CLASSES, confusion_matrix, iou_per_class, mean_
 from index.report import log_event, write_reports
 from index.search import SEARCH_KINDS, build_search_index
 from index.sharded import ShardedIndex
-from index.store import IndexParams, SupportIndex, check_index_target, select_support
+from index.store import IndexParams, SupportIndex, check_index_target, check_k, select_support
 from index.support_lists import SupportList
-from index.transfer import SOFT_TEMPERATURE, VOTES, check_k, transfer_labels
+from index.transfer import SOFT_TEMPERATURE, VOTES, transfer_labels
 
 __all__ = ["run_protocol", "score_index", "build_support_index", "backbone_meta", "VOTES", "LEVELS",
            "SOFT_TEMPERATURE"]
@@ -59,7 +60,7 @@ LEVELS = ("patch", "pixel")
 QUERY_CHUNK = 16384  # query patches searched at a time: bounds the (chunk, k) results and the float32 copy
 
 
-def backbone_meta(backbone: Any) -> dict[str, Any]:
+def backbone_meta(backbone: BackboneProtocol) -> dict[str, Any]:
     """JSON description of a backbone for index and results metadata."""
     return {"identity": backbone.identity, "source": getattr(backbone, "source", ""), "arch": backbone.arch,
             "patch_size": int(backbone.patch_size), "embed_dim": int(backbone.embed_dim)}
@@ -71,8 +72,8 @@ def _support_rows(fs: FeatureSet, support_ids: list[str]) -> np.ndarray:
 
 
 def build_support_index(
-    backbone: Any,
-    dataset: Any,
+    backbone: BackboneProtocol,
+    dataset: SegDatasetProtocol,
     *,
     ratio: int = 1,
     seed: int = 0,
@@ -112,7 +113,7 @@ def build_support_index(
     return index
 
 
-def _pixel_pairs(val_ds: Any, fs: FeatureSet, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pixel_pairs(val_ds: SegDatasetProtocol, fs: FeatureSet, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse pixel counts of (query patch row, ground-truth class) for the pixel-level score.
 
     For each image, the pixel -> patch map is the nearest resize of the patch grid to the original
@@ -146,7 +147,7 @@ def _pixel_pairs(val_ds: Any, fs: FeatureSet, num_classes: int) -> tuple[np.ndar
     return np.concatenate(out_rows), np.concatenate(out_gt), np.concatenate(out_cnt)
 
 
-def _support_histograms(train_ds: Any, fs: FeatureSet, images: np.ndarray, num_classes: int,
+def _support_histograms(train_ds: SegDatasetProtocol, fs: FeatureSet, images: np.ndarray, num_classes: int,
                         memo: dict[int, np.ndarray]) -> np.ndarray:
     """``(m, C)`` float32 class histograms of the labelled patches of ``images`` (soft vote)."""
     p = int(fs.meta["patch_size"])
@@ -174,7 +175,7 @@ def score_confusion(conf: np.ndarray, metric: str = "identity",
             100.0 * iou_per_class(conf))
 
 
-def dataset_meta(train_ds: Any, val_ds: Any) -> dict[str, Any]:
+def dataset_meta(train_ds: SegDatasetProtocol, val_ds: SegDatasetProtocol) -> dict[str, Any]:
     """The ``dataset`` entry of a results dict: kind, name, root, splits, sizes, fingerprints."""
     return {"kind": train_ds.kind, "name": getattr(train_ds, "name", train_ds.kind), "root": str(train_ds.root),
             "train_split": train_ds.split, "val_split": val_ds.split, "num_train_images": len(train_ds.ids),
@@ -182,7 +183,7 @@ def dataset_meta(train_ds: Any, val_ds: Any) -> dict[str, Any]:
             "val_fingerprint": val_ds.fingerprint()}
 
 
-def check_run_arguments(train_ds: Any, val_ds: Any, *, k: int, metric: str, score_classes: str) -> None:
+def check_run_arguments(train_ds: SegDatasetProtocol, val_ds: SegDatasetProtocol, *, k: int, metric: str, score_classes: str) -> None:
     """The checks both protocols make before any work: metric, scored classes, k, one label set."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: choose one of {METRICS}")
@@ -287,9 +288,9 @@ def run_support_ids(split_ids: Sequence[str], ratio: int, seed: int, listed: Sup
 
 
 def run_protocol(
-    backbone: Any,
-    train_ds: Any,
-    val_ds: Any,
+    backbone: BackboneProtocol,
+    train_ds: SegDatasetProtocol,
+    val_ds: SegDatasetProtocol,
     *,
     ratios: Sequence[int] = (1, 8, 64, 128),
     seeds: int = 5,
@@ -445,7 +446,7 @@ def run_protocol(
     return results
 
 
-def score_index(backbone: Any, index: SupportIndex, class_names: Sequence[str], dataset: Any, *, k: int = 50,
+def score_index(backbone: BackboneProtocol, index: SupportIndex, class_names: Sequence[str], dataset: SegDatasetProtocol, *, k: int = 50,
                 vote: str = "majority", cache_dir: str | os.PathLike = ".cache/features", device: str = "cpu",
                 precision: str = "auto", num_workers: int = 2,
                 progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:

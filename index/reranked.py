@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 import torch
 
-from index.transfer import check_k
+from index.store import check_k
 
 __all__ = ["FAST_SCAN_MIN_ROWS", "RerankParams", "RerankedIndex", "default_ivfpq_nlist", "exact_rerank"]
 

@@ -32,22 +32,32 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import faiss
 import numpy as np
 
 from cribo import dirswap
+from cribo.contracts import BackboneProtocol
 from cribo.errors import DataError
-from index.transfer import check_k
 
 INDEX_FILE = "index.faiss"
 LABELS_FILE = "labels.npy"
 META_FILE = "meta.json"
 INDEX_FILES = (INDEX_FILE, LABELS_FILE, META_FILE)
 FORMAT_VERSION = 1
-RESOLUTION_RULE = "floor-to-patch-multiple"
 REQUIRED_META_KEYS = ("format", "kind", "ntotal", "dim", "faiss_version", "created", "params")
+
+def check_k(k: int, n_support: int) -> None:
+    """Raise a clear ``ValueError`` unless ``1 <= k <= n_support``: the one check of ``k``, made by
+    every index kind's ``search(xq, k)`` and by the runs before their expensive steps."""
+    if k < 1:
+        raise ValueError(f"k={k} must be at least 1: pass --k 1 or more")
+    if k > n_support:
+        raise ValueError(
+            f"k={k} larger than the index ({n_support} vectors): lower --k or use a larger support ratio"
+        )
+
 
 _ADD_CHUNK = 65536  # rows converted to float32 and added at a time: bounds the float32 copy
 
@@ -332,7 +342,7 @@ class SupportIndex:
             self.params = IndexParams(**{**asdict(self.params), "ef_search": ef_search})
         self._gpu_index = None
 
-    def check_compatible(self, backbone: Any) -> None:
+    def check_compatible(self, backbone: BackboneProtocol) -> None:
         """Raise :class:`IncompatibleIndexError` unless ``backbone.identity`` built this index."""
         built_with = self.meta.get("backbone", {}).get("identity")
         if built_with is None:

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from index.transfer import check_k
+from cribo.precision import DTYPES
+from index.store import check_k
 
 __all__ = ["TorchExactIndex"]
 
 TORCH_KIND = "torch"
 QUERY_CHUNK = 2048
 BASE_CHUNK = 32768  # with QUERY_CHUNK: a 256 MiB float32 similarity block
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TorchExactIndex:
@@ -36,14 +36,14 @@ class TorchExactIndex:
                  dtype: str = "fp32", query_chunk: int = QUERY_CHUNK, base_chunk: int = BASE_CHUNK):
         if xb.ndim != 2:
             raise ValueError(f"support features must be a 2-D array (n, D), got shape {xb.shape}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if query_chunk < 1 or base_chunk < 1:
             raise ValueError(f"query_chunk and base_chunk must be >= 1, got {query_chunk}, {base_chunk}")
         labels = np.asarray(labels)
         if labels.shape != (xb.shape[0],):
             raise ValueError(f"labels must have shape ({xb.shape[0]},), got {labels.shape}")
-        self.device, self.dtype = torch.device(device), _DTYPES[dtype]
+        self.device, self.dtype = torch.device(device), DTYPES[dtype]
         self.xb = torch.from_numpy(np.ascontiguousarray(xb)).to(self.device, self.dtype)  # (n, D)
         self.labels = labels.astype(np.int64)
         self.query_chunk, self.base_chunk = int(query_chunk), int(base_chunk)

@@ -9,21 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["knn_vote", "soft_vote", "transfer_labels", "check_k", "VOTES", "SOFT_TEMPERATURE"]
+__all__ = ["knn_vote", "soft_vote", "transfer_labels", "VOTES", "SOFT_TEMPERATURE"]
 
 VOTES = ("majority", "soft")
 SOFT_TEMPERATURE = 0.02  # Hummingbird's softmax temperature over cosine similarities
 _CHUNK_BYTES = 64 * 2**20  # working-set budget per chunk of query rows
-
-
-def check_k(k: int, n_support: int) -> None:
-    """Raise a clear ``ValueError`` unless ``1 <= k <= n_support``."""
-    if k < 1:
-        raise ValueError(f"k={k} must be at least 1: pass --k 1 or more")
-    if k > n_support:
-        raise ValueError(
-            f"k={k} larger than the index ({n_support} vectors): lower --k or use a larger support ratio"
-        )
 
 
 def _check_I(I: np.ndarray, n_support: int) -> np.ndarray:

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cribo.engine as engine  # noqa: E402
+import cribo.pretrain.step as train_step  # noqa: E402
 from cribo import dist  # noqa: E402
-from cribo.config import TrainConfig  # noqa: E402
+from cribo.pretrain.config import TrainConfig  # noqa: E402
 
 B, K, IMG, PATCH = 2, 4, 64, 16  # images per process, clusters, view side, patch size
 N = (IMG // PATCH) ** 2
@@ -52,10 +52,10 @@ def main(out: Path) -> None:
                       freeze_last_layer_steps=0, teacher_temp_warmup_steps=1, clip_grad=0.0, drop_path=0.0,
                       lr=1e-3).resolved(1)
     torch.manual_seed(0)
-    trainer = engine.CrIBoTrainer(cfg, device, world_size=world, ddp=world > 1)
+    trainer = train_step.CrIBoTrainer(cfg, device, world_size=world, ddp=world > 1)
     v1, v2, pos1, pos2, labels = global_batch(world)
     mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-    engine.joint_space_clustering = lambda *a, **k: labels[mine].clone()  # fixed assignment (docstring)
+    train_step.joint_space_clustering = lambda *a, **k: labels[mine].clone()  # fixed assignment (docstring)
     result: dict[str, object] = {"world": world}
     for it in range(2):
         stats = trainer.step([v1[mine], v2[mine], pos1[mine], pos2[mine]], it)

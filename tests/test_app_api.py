@@ -28,7 +28,7 @@ from app.draw import class_palette
 from app.label import colours_to_mask
 from app.objects import ObjectBank, build_bank, cluster_images, match_objects
 from cribo.backbones import load_backbone
-from cribo.bank import ObjectMemoryBank
+from cribo.pretrain.bank import ObjectMemoryBank
 from index.datasets import FileSegDataset, open_dataset
 from index.features import extract_features
 from index.labels import paint_patches, patch_labels, resize_mask

@@ -13,7 +13,7 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from cribo import backbones, presets
+from cribo import backbones, releases
 from cribo.backbones import (ARCHS, BUILTIN_ARCH, Backbone, BackboneLoadError, backbone_state_dict,
                              create_vit, export_backbone, file_sha256, load_backbone)
 
@@ -362,7 +362,7 @@ def test_preset_downloads_once_then_loads_from_cache(tmp_path, monkeypatch, crib
 
     monkeypatch.setattr(urllib.request, "urlopen", serve)
     loaded = load_backbone("cribo-in1k-vits16", cache_dir=tmp_path)
-    assert urls == [presets.PRESETS["cribo-in1k-vits16"].url]
+    assert urls == [releases.RELEASES["cribo-in1k-vits16"].url]
     assert [p.name for p in tmp_path.iterdir()] == ["cribo-in1k-vits16.pth"]
     assert loaded.identity == file_sha256(path) and loaded.arch == "vit_small_patch16_224"
     _assert_same_weights(loaded.vit.state_dict(), backbone)
@@ -377,19 +377,19 @@ def _offline(url, timeout):
 def test_preset_offline_error_names_url_and_path(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", _offline)
     dest = tmp_path / "cache" / "cribo-coco-vits16.pth"
-    url = presets.PRESETS["cribo-coco-vits16"].url
+    url = releases.RELEASES["cribo-coco-vits16"].url
     expected = f"{re.escape(url)}.*put the file at {re.escape(str(dest))}"
     with pytest.raises(BackboneLoadError, match=expected):
         load_backbone("cribo-coco-vits16", cache_dir=tmp_path / "cache")
-    with pytest.raises(presets.PresetDownloadError, match=expected):
-        presets.download_preset("cribo-coco-vits16", tmp_path / "cache", progress=False)
+    with pytest.raises(releases.ReleaseDownloadError, match=expected):
+        releases.download_release("cribo-coco-vits16", tmp_path / "cache", progress=False)
     assert not dest.exists()
 
 
 def test_truncated_download_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: _FakeResponse(b"PK\x03\x04abc", 1000))
-    with pytest.raises(presets.PresetDownloadError, match="truncated: got 7 of 1000 bytes"):
-        presets.download_preset("cribo-in1k-vitb16", tmp_path, progress=False)
+    with pytest.raises(releases.ReleaseDownloadError, match="truncated: got 7 of 1000 bytes"):
+        releases.download_release("cribo-in1k-vitb16", tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

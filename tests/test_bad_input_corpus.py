@@ -27,8 +27,8 @@ import train
 from app import inputs
 from cribo import synthetic
 from cribo.backbones import create_vit, export_backbone
-from cribo.checkpoint import save_checkpoint
-from cribo.config import TrainConfig
+from cribo.pretrain.checkpoint import save_checkpoint
+from cribo.pretrain.config import TrainConfig
 from helpers_data import make_folder_dataset
 from index.store import SupportIndex
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cribo.bank import BankQuery, ObjectMemoryBank
+from cribo.pretrain.bank import BankQuery, ObjectMemoryBank
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -353,8 +353,8 @@ def test_bad_construction_and_inputs_are_rejected():
 WORKER = textwrap.dedent("""
     import sys, torch
     from cribo import dist
-    from cribo.bank import ObjectMemoryBank
-    from cribo.losses import ObjectLoss
+    from cribo.pretrain.bank import ObjectMemoryBank
+    from cribo.pretrain.losses import ObjectLoss
 
     rank, world, device = dist.init_distributed("cpu")
     assert (rank, world, device.type) == (dist.rank(), 2, "cpu") and dist.is_main() == (rank == 0)

@@ -14,10 +14,10 @@ import torch
 
 import train
 from cribo.backbones import create_vit
-from cribo.checkpoint import (CHECKSUM_KEY, SAVE_BOUNDARIES, CheckpointError, content_checksum, load_checkpoint,
+from cribo.pretrain.checkpoint import (CHECKSUM_KEY, SAVE_BOUNDARIES, CheckpointError, content_checksum, load_checkpoint,
                               load_latest, previous_path, save_checkpoint)
-from cribo.config import TrainConfig
-from cribo.engine import export_teacher
+from cribo.pretrain.config import TrainConfig
+from cribo.pretrain.loop import export_teacher
 
 KILLED = 77
 MARK = 1234.5  # a float32 whose bytes are easy to find in the file

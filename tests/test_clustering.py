@@ -1,11 +1,11 @@
-"""Joint-space clustering, positional cost and object representations (cribo.clustering)."""
+"""Joint-space clustering, positional cost and object representations (cribo.pretrain.clustering)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cribo.clustering import (
+from cribo.pretrain.clustering import (
     cluster_counts,
     joint_space_clustering,
     object_representations,
@@ -245,7 +245,7 @@ def test_gradient_flows_to_student_tokens_through_the_mean_pooling():
 def test_first_iteration_shortcut_equals_the_general_positional_cost():
     """The first assignment holds only the seeds; its nearest-member distances are read directly from
     the seeds' rows of the distance matrix. They must equal the general segment-min."""
-    from cribo.clustering import _nearest_member_distances, _pairwise_sq_distances, _seed_distances
+    from cribo.pretrain.clustering import _nearest_member_distances, _pairwise_sq_distances, _seed_distances
 
     gen = torch.Generator().manual_seed(0)
     B, M, K = 3, 20, 6
@@ -285,7 +285,7 @@ def test_seeds_argument_equals_the_generator_draw_and_is_checked():
 
 def test_fill_rules_hand_example():
     """Undefined entries (+inf): paper -> mean of the defined ones; reference -> mean of all, undefined as 0."""
-    from cribo.clustering import _fill_and_scale
+    from cribo.pretrain.clustering import _fill_and_scale
 
     nearest = torch.tensor([[[1.0, float("inf")], [3.0, 4.0]]])  # defined: 1, 3, 4
     filled, inv_max = _fill_and_scale(nearest)
@@ -297,7 +297,7 @@ def test_fill_rules_hand_example():
 
 def test_reference_rules_zero_distances_and_empty_clusters():
     """A member at distance 0 is 'no member' for the reference, a true 0 for the paper mode."""
-    from cribo.clustering import _nearest_member_distances, _pairwise_sq_distances
+    from cribo.pretrain.clustering import _nearest_member_distances, _pairwise_sq_distances
 
     pos = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [3.0, 4.0]]])  # tokens 0 and 1 share a position
     assign = torch.tensor([[0, 0, 1]])

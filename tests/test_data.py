@@ -1,4 +1,4 @@
-"""Pretraining datasets (cribo.data): folders, layouts, Hugging Face, corrupt images."""
+"""Pretraining datasets (cribo.pretrain.data): folders, layouts, Hugging Face, corrupt images."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cribo.data import (
+from cribo.pretrain.data import (
     CorruptImageError,
     DataSourceError,
     HFImageDataset,
@@ -20,7 +20,7 @@ from cribo.data import (
     build_pretraining_dataset,
     list_images,
 )
-from cribo.transforms import TwoViewTransform
+from cribo.pretrain.transforms import TwoViewTransform
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def test_corrupt_image_raises_naming_the_file_or_is_skipped_with_a_warning(tmp_p
     with pytest.raises(CorruptImageError, match=r"3\.png: cannot decode image"):
         ds[3]
     skipping = build_pretraining_dataset(tmp_path, None, skip_corrupt=True, return_index=True)
-    with caplog.at_level(logging.WARNING, logger="cribo.data"):
+    with caplog.at_level(logging.WARNING, logger="cribo.pretrain.data"):
         img, index = skipping[1]
     assert index == 2 and _red(img) == 3  # the next readable image
     assert "1.jpg" in caplog.text
@@ -191,7 +191,7 @@ def test_hugging_face_without_an_image_column(tmp_path):
 def test_offline_hub_is_a_clear_error():
     """In a fresh process with the hub switched off (the library reads the switch at import)."""
     code = (
-        "from cribo.data import build_pretraining_dataset, DataSourceError\n"
+        "from cribo.pretrain.data import build_pretraining_dataset, DataSourceError\n"
         "try:\n"
         "    build_pretraining_dataset('hf:some-org/not-cached-here', None)\n"
         "except DataSourceError as e:\n"

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from cribo.backbones import load_backbone
-from cribo.config import PRESETS, TrainConfig, config_from_preset
-from cribo.engine import (LOG_KEYS, LOG_NAME, CrIBoTrainer, ResumableSampler, SeededSamples, Schedules,
-                          clip_gradients_, ema_update_, export_teacher, param_groups, train, truncate_log)
+from cribo.pretrain.config import RECIPES, TrainConfig, config_from_recipe
+from cribo.pretrain.loop import LOG_KEYS, LOG_NAME, ResumableSampler, SeededSamples, export_teacher, train, truncate_log
+from cribo.pretrain.step import CrIBoTrainer, Schedules, clip_gradients_, ema_update_, param_groups
 
 TINY = dict(arch="vit_tiny_patch16_224", img_size=64, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
             num_clusters=4, bank_images=8, precision="fp32", num_workers=0, progress=False, lr=1e-3)
@@ -227,14 +227,14 @@ def test_config_errors_name_the_argument():
     with pytest.raises(ValueError, match="stop_at"):
         TrainConfig(data="d", output_dir="o", batch_size=1, max_steps=4, stop_at=5)
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
-        config_from_preset("nope", batch_size=1, max_steps=1)
+        config_from_recipe("nope", batch_size=1, max_steps=1)
 
 
 def test_presets_carry_the_paper_hyperparameters():
-    assert set(PRESETS) >= {"in1k-vits16", "in1k-vitb16", "coco-vits16", "cpu-tiny"}
-    coco = config_from_preset("coco-vits16", data="d", output_dir="o", batch_size=64, max_steps=10)
+    assert set(RECIPES) >= {"in1k-vits16", "in1k-vitb16", "coco-vits16", "cpu-tiny"}
+    coco = config_from_recipe("coco-vits16", data="d", output_dir="o", batch_size=64, max_steps=10)
     assert (coco.num_clusters, coco.lambda_pos, coco.bank_images, coco.out_dim) == (64, 2.0, 25000, 65536)
-    vitb = config_from_preset("in1k-vitb16", data="d", output_dir="o", batch_size=64, max_steps=10, lr=1e-4)
+    vitb = config_from_recipe("in1k-vitb16", data="d", output_dir="o", batch_size=64, max_steps=10, lr=1e-4)
     assert (vitb.arch, vitb.clip_grad, vitb.min_lr, vitb.lr) == ("vit_base_patch16_224", 0.3, 2e-6, 1e-4)
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from cribo.backbones import load_backbone
 from helpers_data import make_folder_dataset
 from index.datasets import open_dataset
-from index.features import (IMAGENET_MEAN, IMAGENET_STD, FeatureSet, cache_key, dataset_fingerprint,
+from cribo.constants import IMAGENET_MEAN, IMAGENET_STD
+from index.features import (FeatureSet, cache_key, dataset_fingerprint,
                             extract_features, size_batches)
 from index.labels import patch_labels, protocol_size, resize_image, resize_mask
 

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import cribo.engine as engine
-from cribo.bank import ObjectMemoryBank
-from cribo.clustering import (CLUSTERING_RULES, joint_space_clustering, object_representations, split_views,
+import cribo.pretrain.step as train_step
+from cribo.pretrain.bank import ObjectMemoryBank
+from cribo.pretrain.clustering import (CLUSTERING_RULES, joint_space_clustering, object_representations, split_views,
                               valid_objects)
-from cribo.config import TrainConfig
-from cribo.losses import DINOLoss, ObjectLoss, cross_image_loss
+from cribo.pretrain.config import TrainConfig
+from cribo.pretrain.losses import DINOLoss, ObjectLoss, cross_image_loss
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "cribo-golden"
 SHA256 = {  # golden/README.md
@@ -238,11 +238,11 @@ def rule_init_(net: torch.nn.Module) -> None:
             p.copy_(v.to(p.dtype))
 
 
-def golden_trainer(g: dict, **overrides) -> engine.CrIBoTrainer:
+def golden_trainer(g: dict, **overrides) -> train_step.CrIBoTrainer:
     """The step case's trainer: its TrainConfig fields, rule-initialised weights, prefilled bank."""
     c = {k[4:]: g[k].item() for k in g if k.startswith("cfg_")}
     c.update({"arch": str(g["arch"]), "precision": "fp32", "bank_dtype": "fp32", **overrides})
-    trainer = engine.CrIBoTrainer(TrainConfig(data="unused", output_dir="unused", **c).resolved(1),
+    trainer = train_step.CrIBoTrainer(TrainConfig(data="unused", output_dir="unused", **c).resolved(1),
                                   torch.device("cpu"))
     rule_init_(trainer.student)
     trainer.teacher.load_state_dict(trainer.student.state_dict())
@@ -260,7 +260,7 @@ def run_golden_steps(g: dict, **overrides) -> tuple[dict, list[dict]]:
     trainer = golden_trainer(g, **overrides)
     init = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     records = []
-    clip = engine.clip_gradients_
+    clip = train_step.clip_gradients_
     mp = pytest.MonkeyPatch()
     try:
         for it in range(int(g["n_steps"])):
@@ -278,8 +278,8 @@ def run_golden_steps(g: dict, **overrides) -> tuple[dict, list[dict]]:
                                  if p.grad is not None}
                 return norms
 
-            mp.setattr(engine, "joint_space_clustering", golden_clustering)
-            mp.setattr(engine, "clip_gradients_", recording_clip)
+            mp.setattr(train_step, "joint_space_clustering", golden_clustering)
+            mp.setattr(train_step, "clip_gradients_", recording_clip)
             out = trainer.step(golden_batch(g, it), it)
             mp.undo()
             sd, td = trainer.student.state_dict(), trainer.teacher.state_dict()
@@ -365,7 +365,7 @@ def test_reference_clustering_inside_the_engine_reproduces_the_authors_step_assi
     authors' ``train_one_epoch`` computed at both golden steps."""
     g = load("step.npz")
     trainer = golden_trainer(g, clustering="reference")
-    real = engine.joint_space_clustering
+    real = train_step.joint_space_clustering
     for it in range(int(g["n_steps"])):
         got = []
 
@@ -374,7 +374,7 @@ def test_reference_clustering_inside_the_engine_reproduces_the_authors_step_assi
             got.append(real(*args, **{**kwargs, "seeds": _seeds}))
             return got[-1]
 
-        monkeypatch.setattr(engine, "joint_space_clustering", seeded)
+        monkeypatch.setattr(train_step, "joint_space_clustering", seeded)
         trainer.step(golden_batch(g, it), it)
         same = float((got[0] == T(g[f"t{it}_labels"])).float().mean())
         assert same == 1.0, f"step {it}: {100 * same:.2f} % of tokens in the authors' cluster"

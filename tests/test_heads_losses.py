@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from cribo.heads import DINOHead, WeightNormLinear
-from cribo.losses import CrossImageLoss, DINOLoss, ObjectLoss, cross_image_loss
+from cribo.pretrain.heads import DINOHead, WeightNormLinear
+from cribo.pretrain.losses import CrossImageLoss, DINOLoss, ObjectLoss, cross_image_loss
 
 # ----------------------------------------------------------------------------- plain-python references
 

@@ -17,13 +17,14 @@ import torch
 from PIL import Image
 
 from cribo.backbones import create_vit, export_backbone, load_backbone
-from cribo.config import TrainConfig
-from cribo.engine import LOG_KEYS, train
-from cribo.report import plot_training_log
-from cribo.transforms import AUGMENTATIONS
+from cribo.pretrain.config import TrainConfig
+from cribo.pretrain.loop import LOG_KEYS, train
+from cribo.pretrain.report import plot_training_log
+from cribo.pretrain.transforms import AUGMENTATIONS
 from index.datasets import open_dataset
 from index.descriptors import LBP_BINS, PixelPatches, TextureDescriptor, lbp_riu2_codes
-from index.features import IMAGENET_MEAN, IMAGENET_STD, image_features
+from cribo.constants import IMAGENET_MEAN, IMAGENET_STD
+from index.features import image_features
 from index.probe import RetrievalProbe, patch_nn_rates
 from tests.test_engine import tiny_config
 
@@ -142,7 +143,7 @@ def test_conv_stem_vit_keeps_the_patch_grid_and_round_trips(tmp_path):
 @pytest.mark.parametrize("kw, match", [
     (dict(eval_every=5), "needs --eval-data"),
     (dict(eval_every=-1, eval_data="x"), "must be >= 0"),
-    (dict(augment="strong"), "choose one of dino, texture, mild"),
+    (dict(augment="strong"), "choose one of dino, texture, mild, colour"),
     (dict(crop_scale=(0.5, 0.2)), "MIN <= MAX"),
     (dict(eval_every=5, eval_data="x", eval_queries=1), "--eval-queries >= 2"),
 ])
@@ -158,6 +159,19 @@ def test_texture_views_blur_less_than_dino():
     mild = AUGMENTATIONS["mild"]
     assert all(a.hue <= 0.02 and a.solarize_p == 0 and a.grayscale_p <= 0.05 for a in mild)
     assert mild[0].blur_sigma == texture[0].blur_sigma
+
+
+def test_colour_views_disagree_in_hue_over_the_whole_wheel():
+    """"colour": every view is jittered, hue shifts spread over [-0.5, 0.5], blur as "mild"."""
+    from cribo.pretrain.transforms import draw_view_params
+    colour, mild = AUGMENTATIONS["colour"], AUGMENTATIONS["mild"]
+    assert [a.blur_p for a in colour] == [a.blur_p for a in mild] and colour[0].blur_sigma == mild[0].blur_sigma
+    g = torch.Generator().manual_seed(0)
+    views = [draw_view_params(256, 256, (0.12, 0.3), colour[1], generator=g) for _ in range(400)]
+    hues = np.array([v.hue for v in views])
+    assert all(v.jitter for v in views) and not any(v.solarize for v in views)
+    assert hues.min() >= -0.5 and hues.max() <= 0.5 and (np.abs(hues) > 0.25).mean() > 0.4
+    assert 0.1 < np.mean([v.grayscale for v in views]) < 0.3
 
 
 # ---------------------------------------------------------------------------------- the engine

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cribo.config import PRESETS, TrainConfig, config_from_preset
+from cribo.pretrain.config import RECIPES, TrainConfig, config_from_recipe
 
 RELEASED_ARGS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "released-args"
 RUNS = {"in1k-vits16": "vits16-in_args.json", "in1k-vitb16": "vitb16-in_args.json",
@@ -89,7 +89,7 @@ def test_every_released_argument_is_classified(name):
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_preset_equals_the_released_run_field_by_field(name):
     a = released(name)
-    config = config_from_preset(name, data="d", output_dir="o", batch_size=a["batch_size_per_gpu"], max_steps=10)
+    config = config_from_recipe(name, data="d", output_dir="o", batch_size=a["batch_size_per_gpu"], max_steps=10)
     got = {field: getattr(config, field) for field in expected_fields(a)}
     diff = {f: (got[f], v) for f, v in expected_fields(a).items() if got[f] != v}
     assert not diff, f"preset {name} vs {RUNS[name]} (preset, released): {diff}"
@@ -102,7 +102,7 @@ def test_released_runs_differ_where_the_issue_found_it():
     """The two ViT-S runs had no clipping and no last-layer normalisation; the ViT-B run had both."""
     assert [(released(n)["clip_grad"], released(n)["norm_last_layer"]) for n in sorted(RUNS)] == \
         [(0.0, False), (0.3, True), (0.0, False)]
-    assert PRESETS["in1k-vits16"].overrides["precision"] == "fp16"
+    assert RECIPES["in1k-vits16"].overrides["precision"] == "fp16"
 
 
 def test_config_rejects_unknown_modes_naming_the_flag():
@@ -118,11 +118,11 @@ def test_fidelity_flags_reach_the_config_and_override_a_preset():
 
     base = ["--data", "d", "--batch-size", "2", "--max-steps", "3", "--output-dir", "o"]
     args = vars(build_train_parser().parse_args([*base, "--preset", "in1k-vits16", "--clustering", "paper"]))
-    config = config_from_preset(args.pop("preset"), **{k: v for k, v in args.items() if k not in ("crash_at_step", "debug")})
+    config = config_from_recipe(args.pop("preset"), **{k: v for k, v in args.items() if k not in ("crash_at_step", "debug")})
     assert (config.clustering, config.ci_normalisation) == ("paper", "reference")  # flag wins, preset fills
     args = vars(build_train_parser().parse_args([*base, "--arch", "vit_tiny_patch16_224", "--ci-normalisation",
                                                  "reference"]))
-    config = config_from_preset(args.pop("preset"), **{k: v for k, v in args.items() if k not in ("crash_at_step", "debug")})
+    config = config_from_recipe(args.pop("preset"), **{k: v for k, v in args.items() if k not in ("crash_at_step", "debug")})
     assert (config.clustering, config.ci_normalisation) == ("paper", "reference")  # defaults: paper
     with pytest.raises(UsageError, match="--clustering: invalid choice: 'authors'"):
         build_train_parser().parse_args([*base, "--clustering", "authors"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cribo.report import plot_training_log, read_log
+from cribo.pretrain.report import plot_training_log, read_log
 
 
 def _write_log(path, rows, torn=False):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cribo.checkpoint import CheckpointError
+from cribo.pretrain.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6  # 8 images / batch 2 = 4 steps per epoch: the runs cross an epoch boundary

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from cribo.schedules import cosine_schedule, teacher_temp_schedule
+from cribo.pretrain.schedules import cosine_schedule, teacher_temp_schedule
 
 
 def dino_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):

@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from index.transfer import SOFT_TEMPERATURE, check_k, knn_vote, soft_vote, transfer_labels
+from index.store import check_k
+from index.transfer import SOFT_TEMPERATURE, knn_vote, soft_vote, transfer_labels
 
 # support patch j has class LABELS[j]
 LABELS = np.array([0, 1, 2, 3, 1, 2, 3, 0], dtype=np.int64)

@@ -1,4 +1,4 @@
-"""Two views with analytic patch coordinates (cribo.transforms)."""
+"""Two views with analytic patch coordinates (cribo.pretrain.transforms)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,13 +8,13 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from cribo.transforms import (
+from cribo.pixels import denormalise as denormalize
+from cribo.pretrain.transforms import (
     VIEW1_AUG,
     VIEW2_AUG,
     TwoViewTransform,
     ViewParams,
     apply_photometric,
-    denormalize,
     draw_view_params,
     patch_centres,
     random_resized_crop_params,

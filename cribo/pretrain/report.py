@@ -8,11 +8,11 @@ on a matplotlib Agg canvas (no display needed). A log holds two kinds of rows: t
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from cribo.io import atomic_path
+from cribo.jsonl import JsonlError, read_jsonl
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
@@ -20,17 +20,10 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no training log at {path}: pass the run's OUT/log.jsonl")
-    rows = []
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{n + 1} is not a JSON object ({e}); is this a CrIBo log.jsonl?") from e
+    try:
+        rows = [row for _, row in read_jsonl(path)]
+    except JsonlError as e:
+        raise ValueError(f"{e.path}:{e.line} is not a JSON object ({e.reason}); is this a CrIBo log.jsonl?") from e
     if not rows:
         raise ValueError(f"{path} has no rows yet: the run logs every --log-every steps")
     return rows

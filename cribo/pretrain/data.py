@@ -2,7 +2,7 @@
 
 Pretraining needs images only (no labels). :func:`build_pretraining_dataset` turns a ``source`` into a
 map-style dataset whose items are the transform's output, ``(view1, view2, coords1, coords2)`` for
-:class:`cribo.transforms.TwoViewTransform` (plus the item's index with ``return_index=True``).
+:class:`cribo.pretrain.transforms.TwoViewTransform` (plus the item's index with ``return_index=True``).
 
 ``source`` is one of
 

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from cribo.precision import DTYPES
+
 _STATE_TENSORS = ("unit1", "unit2", "norm1", "norm2", "valid")
 _STATE_META = ("size", "num_objects", "dim", "dtype", "head", "filled", "pushed")
 
@@ -94,7 +95,7 @@ class ObjectMemoryBank:
             if int(v) != v or v <= 0:
                 raise ValueError(f"ObjectMemoryBank: {name} must be a positive integer, got {v!r}")
         for name, dt in (("dtype", dtype), ("search_dtype", search_dtype or torch.float32)):
-            if dt not in _DTYPES.values():
+            if dt not in DTYPES.values():
                 raise ValueError(f"ObjectMemoryBank: {name}={dt} is not supported; use torch.float16, "
                                  "torch.bfloat16 or torch.float32")
         self.size, self.num_objects, self.dim = int(size_images), int(num_objects), int(dim)
@@ -278,7 +279,7 @@ class ObjectMemoryBank:
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """Everything needed for an exact resume (tensors on the bank's device; plain ints and strings)."""
-        dtype_name = next(k for k, v in _DTYPES.items() if v == self.dtype)
+        dtype_name = str(self.dtype).removeprefix("torch.")  # float32 / float16 / bfloat16 (checkpoint format)
         return {"unit1": self.unit1, "unit2": self.unit2, "norm1": self.norm1, "norm2": self.norm2,
                 "valid": self.valid, "size": self.size, "num_objects": self.num_objects,
                 "dim": self.dim, "dtype": dtype_name, "head": self.head, "filled": self.filled,

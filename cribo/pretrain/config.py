@@ -1,4 +1,4 @@
-"""Training configuration (`TrainConfig`) and the preset registry.
+"""Training configuration (`TrainConfig`) and the registry of training recipes (`RECIPES`, chosen with `--preset`).
 
 Steps, not epochs. The reference (DINO/CrIBo) counts warm-ups, the frozen last layers and the start of
 the cross-image loss in epochs. Here every length is in optimisation steps; a preset may give a
@@ -18,12 +18,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from cribo.clustering import CLUSTERING_MODES
-from cribo.losses import CI_NORMALISATIONS
-from cribo.transforms import AUGMENTATIONS
+from cribo.precision import DTYPES, PRECISIONS
+from cribo.pretrain.clustering import CLUSTERING_MODES
+from cribo.pretrain.losses import CI_NORMALISATIONS
+from cribo.pretrain.transforms import AUGMENTATIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BANK_DTYPES = ("fp32", "fp16", "bf16")
+BANK_DTYPES = tuple(DTYPES)  # fp32, fp16, bf16
 
 #: Fields that do not change what is computed: excluded from the run identity.
 NON_IDENTITY_FIELDS = frozenset({"stop_at", "log_every", "ckpt_every", "num_workers", "output_dir",
@@ -49,7 +49,7 @@ class TrainConfig:
     """
 
     # --- data and run --------------------------------------------------------------------------
-    data: str = ""                      # image folder, ImageNet/COCO/VOC root or "hf:NAME[:SPLIT]" (cribo.data)
+    data: str = ""                      # image folder, ImageNet/COCO/VOC root or "hf:NAME[:SPLIT]" (cribo.pretrain.data)
     data_split: str | None = None       # layout split (None: the layout's training split / whole folder)
     skip_corrupt: bool = False          # log and skip unreadable images instead of failing
     output_dir: str = ""                # OUT: checkpoint.pth, log.jsonl, backbone.safetensors
@@ -69,13 +69,13 @@ class TrainConfig:
     lambda_pos: float = 1.0             # positional cost weight (Eq. 16)
     n_outer: int = 5                    # clustering outer iterations
     n_sinkhorn: int = 5                 # Sinkhorn iterations per outer iteration
-    clustering: str = "paper"           # paper | reference (the authors' code, update_c): cribo.clustering
+    clustering: str = "paper"           # paper | reference (the authors' code, update_c): cribo.pretrain.clustering
     bank_images: int = 25000            # S: images held in each FIFO bank
     bank_dtype: str = "fp16"            # storage dtype of the banks
     use_cross_image: bool = True        # False: ablation without L_ci^o (Table 5 row 2)
-    ci_normalisation: str = "paper"     # L_ci^o: paper (Z1, Z2) | reference (both by Z1): cribo.losses
+    ci_normalisation: str = "paper"     # L_ci^o: paper (Z1, Z2) | reference (both by Z1): cribo.pretrain.losses
     crop_scale: tuple[float, float] = (0.25, 1.0)
-    augment: str = "dino"               # view augmentations (cribo.transforms.AUGMENTATIONS): dino | texture
+    augment: str = "dino"               # view augmentations (cribo.pretrain.transforms.AUGMENTATIONS): dino | texture | mild | colour
     # --- optimisation (DINO) ---------------------------------------------------------------------
     lr: float = 5e-4                    # base lr, scaled by global_batch / 256
     min_lr: float = 1e-5
@@ -107,7 +107,7 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True               # tqdm bar on rank 0
     debug_bank_hash: bool = False       # write OUT/bank_rank{r}.json (bank fingerprint) at the end
-    # --- learning curve (not part of the identity): cribo.engine evaluates the teacher by k-NN retrieval
+    # --- learning curve (not part of the identity): cribo.pretrain.loop evaluates the teacher by k-NN retrieval
     # (index.probe.RetrievalProbe) on a fixed labelled subset every eval_every steps (0: never).
     eval_every: int = 0
     eval_data: str = ""                 # labelled dataset root (index.datasets kinds, see eval_dataset)
@@ -225,28 +225,28 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Presets: the paper's released runs (appendix A.1, method reference) and a small CPU run.
+# Training recipes (train.py --preset): the paper's released runs (appendix A.1, method reference) and a small CPU run.
 # Lengths in epochs resolve against the dataset at hand; max_steps and batch_size come from the CLI.
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Preset:
+class Recipe:
     name: str
     description: str
     overrides: dict[str, Any]
 
 
-PRESETS: dict[str, Preset] = {}
+RECIPES: dict[str, Recipe] = {}
 
 
-def register_preset(name: str, description: str, **overrides: Any) -> Preset:
+def register_recipe(name: str, description: str, **overrides: Any) -> Recipe:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"preset {name!r}: unknown TrainConfig fields {unknown}")
-    if name in PRESETS:
+    if name in RECIPES:
         raise ValueError(f"preset {name!r} is already registered")
-    PRESETS[name] = Preset(name, description, dict(overrides))
-    return PRESETS[name]
+    RECIPES[name] = Recipe(name, description, dict(overrides))
+    return RECIPES[name]
 
 
 # The three released runs, field by field from the authors' argument files
@@ -258,28 +258,28 @@ _RELEASED_RECIPE = dict(img_size=224, drop_path=0.1, out_dim=65536, bank_images=
                         n_outer=5, n_sinkhorn=5, clustering="reference", ci_normalisation="reference",
                         warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, momentum_teacher=0.996,
                         warmup_teacher_temp=0.04, teacher_temp=0.07, student_temp=0.1, ci_start_epoch=1, seed=0)
-register_preset(
+register_recipe(
     "in1k-vits16",
     "ImageNet-1k ViT-S/16 as released: 800 epochs, 128 images per GPU, K=32, lambda_pos=1, S=25k, fp16.",
     arch="vit_small_patch16_224", num_clusters=32, lambda_pos=1.0, norm_last_layer=False,
     lr=5e-4, min_lr=1e-5, teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1, clip_grad=0.0,
     precision="fp16", **_RELEASED_RECIPE,
 )
-register_preset(
+register_recipe(
     "in1k-vitb16",
     "ImageNet-1k ViT-B/16 as released: 400 epochs, 64 images per GPU, K=32, lambda_pos=1, lr 7.5e-4, clip 0.3, fp32.",
     arch="vit_base_patch16_224", num_clusters=32, lambda_pos=1.0, norm_last_layer=True,
     lr=7.5e-4, min_lr=2e-6, teacher_temp_warmup_epochs=50, freeze_last_layer_epochs=3, clip_grad=0.3,
     precision="fp32", **_RELEASED_RECIPE,
 )
-register_preset(
+register_recipe(
     "coco-vits16",
     "COCO ViT-S/16 as released: 300 epochs, 32 images per GPU, K=64, lambda_pos=2, S=25k, fp16.",
     arch="vit_small_patch16_224", num_clusters=64, lambda_pos=2.0, norm_last_layer=False,
     lr=5e-4, min_lr=1e-5, teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1, clip_grad=0.0,
     precision="fp16", **_RELEASED_RECIPE,
 )
-register_preset(
+register_recipe(
     "cpu-tiny",
     "A few-hour CPU run: ViT-Ti/16 at 128 px (64 patches per view), L=4096, K=16, S=2000 images.",
     arch="vit_tiny_patch16_224", img_size=128, drop_path=0.1, out_dim=4096,
@@ -291,14 +291,14 @@ register_preset(
 )
 
 
-def config_from_preset(preset: str | None, **overrides: Any) -> TrainConfig:
+def config_from_recipe(preset: str | None, **overrides: Any) -> TrainConfig:
     """``TrainConfig`` defaults <- the preset's values <- ``overrides`` (``None`` values are ignored,
     so CLI flags left unset keep the preset's value; use explicit values to override)."""
     values: dict[str, Any] = {}
     if preset:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(sorted(PRESETS))}")
-        values.update(PRESETS[preset].overrides)
+        if preset not in RECIPES:
+            raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(sorted(RECIPES))}")
+        values.update(RECIPES[preset].overrides)
         values["preset"] = preset
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**values)

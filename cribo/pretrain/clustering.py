@@ -9,7 +9,7 @@ clusters by Sinkhorn-Knopp on the cost
     T_pos[n, k] = min_{l in S_k, l != n} ||E[n] - E[l]||_2                     (Eq. 17)
 
 with ``S_k`` the tokens of cluster k in the previous assignment and ``E (2N, 2)`` the patch centres in
-original-image pixels (:mod:`cribo.transforms`). Cluster k of view 1 and cluster k of view 2 form a
+original-image pixels (:mod:`cribo.pretrain.transforms`). Cluster k of view 1 and cluster k of view 2 form a
 cross-view pair for free; a cluster absent from one view is dropped (:func:`valid_objects`).
 
 Two modes (``mode=``, ``--clustering``), measured against the authors' code in docs/fidelity.md:

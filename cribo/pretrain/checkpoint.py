@@ -196,7 +196,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                               f"delete it to use {previous_path(path).name} or to start over") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path}: format {found!r}, expected {FORMAT!r} (a checkpoint written by cribo.engine)")
+        raise CheckpointError(f"{path}: format {found!r}, expected {FORMAT!r} (a checkpoint written by cribo.pretrain.loop)")
     stored = state.pop(CHECKSUM_KEY, None)
     if stored is None:
         print(f"warning: {path} has no checksum (written by an earlier version); its integrity is not verified",

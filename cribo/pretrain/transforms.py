@@ -31,11 +31,11 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cribo.crops import CropBox, resized_crop_box
+from cribo.pixels import normalise
+
 
 # (i, j, h, w): top row, left column, height, width of a crop, in original-image pixels.
-CropBox = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,18 @@ VIEW2_AUG = ViewAugmentation(blur_p=0.1, solarize_p=0.2)
 #: photometric changes that keep a scene's class identity: brightness and contrast as DINO, saturation
 #: 0.2, a hue shift of at most 0.02 of the colour wheel (DINO's 0.1 moves a colour into a neighbouring
 #: colour family), grayscale 5 %, no solarisation (which inverts the bright half of a texture).
+#: "colour": "mild"'s blur and geometry, but a hue shift drawn over the whole colour wheel on every
+#: view (jitter always applied, hue up to 0.5), saturation 0.4, grayscale 20 %: the two views of an
+#: object disagree in colour, so matching them across views needs texture and shape. (The generated
+#: scenes' classes share colour families, so colour is a weak class cue there, and the cheapest one
+#: for the object losses to match.)
 _MILD = dict(hue=0.02, grayscale_p=0.05, solarize_p=0.0, blur_sigma=(0.1, 0.6))
+_COLOUR = dict(jitter_p=1.0, hue=0.5, saturation=0.4, grayscale_p=0.2, solarize_p=0.0, blur_sigma=(0.1, 0.6))
 AUGMENTATIONS: dict[str, tuple[ViewAugmentation, ViewAugmentation]] = {
     "dino": (VIEW1_AUG, VIEW2_AUG),
     "texture": (ViewAugmentation(blur_p=0.5, blur_sigma=(0.1, 0.6)), ViewAugmentation(blur_p=0.0, solarize_p=0.2)),
     "mild": (ViewAugmentation(blur_p=0.5, **_MILD), ViewAugmentation(blur_p=0.0, **_MILD)),
+    "colour": (ViewAugmentation(blur_p=0.5, **_COLOUR), ViewAugmentation(blur_p=0.0, **_COLOUR)),
 }
 
 
@@ -149,25 +156,12 @@ def random_resized_crop_params(
     exactly what ``get_params`` returns from the same global RNG state (tested). torchvision's
     version cannot take a generator, which the app needs for seeded, side-effect-free previews.
     """
-    area = height * width
     log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            i = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
-            j = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
-            return int(i), int(j), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return resized_crop_box(
+        height, width, ratio,
+        area_fraction=lambda: torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item(),
+        aspect=lambda: torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item(),
+        integer=lambda n: torch.randint(0, n, size=(1,), generator=generator).item())
 
 
 def draw_view_params(
@@ -253,14 +247,9 @@ def apply_photometric(img: Image.Image, params: ViewParams) -> Image.Image:
 
 def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> (3, S, S) float32 normalised with the ImageNet mean and std."""
-    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+    return normalise(TF.to_tensor(img))
 
 
-def denormalize(view: torch.Tensor) -> torch.Tensor:
-    """Inverse of the ImageNet normalisation: (3, S, S) -> (3, S, S) in [0, 1] (for display)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=view.dtype, device=view.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=view.dtype, device=view.device)[:, None, None]
-    return (view * std + mean).clamp(0.0, 1.0)
 
 
 class TwoViewTransform:
