@@ -25,6 +25,7 @@ from index.hbird import run_hbird
 from index.protocol import LEVELS, VOTES, run_protocol
 from index.report import check_results_target, format_table, format_timing
 from index.search import SEARCH_KINDS
+from index.store import IndexParams
 from index.support_lists import read_support_lists
 
 
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FAISS index kind (default flat = exact); ivfpq: IVF-PQ codes in RAM with exact re-ranking "
                         "from the memory-mapped features (full-scale support sets); torch: exact search in plain "
                         "torch on --device (chunked matmul + top-k; for a GPU without faiss-gpu)")
+    p.add_argument("--nlist", type=positive_int,
+                   help="ivf / ivfpq: inverted lists (default: the size rule of index.store.IndexParams / "
+                        "index.reranked.default_ivfpq_nlist)")
+    p.add_argument("--nprobe", type=positive_int, default=IndexParams.nprobe,
+                   help=f"ivf / ivfpq: lists searched per query (default {IndexParams.nprobe}; 16 keeps search + "
+                        "vote + metric under a quarter of the forward at 1/128, docs/scale.md)")
     p.add_argument("--vote", default="majority", choices=VOTES, help="label transfer (default majority)")
     p.add_argument("--level", default="patch", choices=LEVELS, help="score patches (paper) or pixels")
     p.add_argument("--support-list", metavar="PATH",
@@ -102,6 +109,7 @@ def _main(argv: list[str]) -> int:
                 index_kind=args.index, vote=args.vote, level=args.level, cache_dir=args.cache_dir, device=args.device,
                 precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, out=args.out,
                 support_lists=support_lists, metric=args.metric, score_classes=args.score_classes or "present",
+                index_params=IndexParams(nlist=args.nlist, nprobe=args.nprobe),
             )
     finally:
         dist.destroy()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 import time
 from typing import Any, Callable, Sequence
 
@@ -319,6 +319,8 @@ def run_protocol(
         ratios: support ratios ``n`` (1/n of the support images). seeds: runs per ratio ``n > 1``
             (seeds ``0..seeds-1``); ratio 1 runs once with seed 0.
         k: neighbours per query patch. index_kind: one of :data:`index.search.SEARCH_KINDS`.
+        index_params: knobs of the approximate kinds (nlist, nprobe, ...); its ``seed`` is replaced by
+            each run's seed (the IVF training sample is drawn per run, as with the defaults).
         vote: "majority" | "soft". level: "patch" | "pixel".
         out: results.json path; the CSV, Markdown and PNG reports go next to it.
         log: called as ``log(event, **fields)`` for JSON-lines progress records (None: silent).
@@ -385,7 +387,7 @@ def run_protocol(
         images = np.asarray([position[i] for i in ids], dtype=np.int64)
         t0 = time.perf_counter()
         rows = fs_tr.rows_of(images, labelled_only=True)
-        params = index_params or IndexParams(seed=seed)
+        params = replace(index_params, seed=seed) if index_params is not None else IndexParams(seed=seed)
         if dist.world_size() > 1:  # torchrun: this rank indexes its shard, results merged (index.sharded)
             index = ShardedIndex(fs_tr.features, rows, fs_tr.labels[rows], index_kind, params=params, device=device)
         else:

@@ -48,6 +48,17 @@ def test_evaluate_writes_results_and_prints_the_table(data, tmp_path):
     assert (tmp_path / "run" / "results.csv").is_file() and (tmp_path / "run" / "results_per_class_iou.png").is_file()
 
 
+def test_evaluate_takes_the_ivf_knobs(data, tmp_path):
+    out = tmp_path / "ivf" / "results.json"
+    code = evaluate.main(["--dataset", "folder", "--root", str(data), *BACKBONE, "--ratios", "1", "--k", "5",
+                          "--index", "ivf", "--nlist", "3", "--nprobe", "2", "--out", str(out),
+                          "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--device", "cpu"])
+    assert code == 0
+    params = json.loads(out.read_text())["index_params"]
+    assert (params["nlist"], params["nprobe"]) == (3, 2)
+    assert evaluate.main(["--dataset", "folder", "--root", str(data), "--nprobe", "0"]) == 2
+
+
 def test_build_index_writes_a_loadable_index(data, tmp_path):
     out = tmp_path / "idx"
     proc = cli("build_index.py", "--dataset", "folder", "--root", str(data), "--split", "train", *BACKBONE,
