@@ -94,6 +94,7 @@ def _main(argv: list[str]) -> int:
         support_lists = None if args.support_list is None else read_support_lists(
             args.support_list, train_ds.ids, split=train_split, allow_missing=args.allow_missing_ids)
         hbird = hbird_options_from_args(args)
+        index_params = IndexParams(nlist=args.nlist, nprobe=args.nprobe)  # ivf / ivfpq knobs, both protocols
         if hbird is not None:
             if (args.vote, args.level) != ("majority", "patch"):
                 raise ValueError("--vote/--level belong to the cribo protocol: --protocol hbird always takes the "
@@ -101,15 +102,15 @@ def _main(argv: list[str]) -> int:
             results = run_hbird(
                 backbone, train_ds, val_ds, options=hbird, ratios=args.ratios, seeds=args.seeds,
                 support_lists=support_lists, k=30 if args.k is None else args.k, index_kind=args.index,
-                metric=args.metric, score_classes=args.score_classes or "all", device=args.device,
-                precision=args.precision, batch_size=args.batch_size, out=args.out)
+                index_params=index_params, metric=args.metric, score_classes=args.score_classes or "all",
+                device=args.device, precision=args.precision, batch_size=args.batch_size, out=args.out)
         else:
             results = run_protocol(
                 backbone, train_ds, val_ds, ratios=args.ratios, seeds=args.seeds, k=50 if args.k is None else args.k,
                 index_kind=args.index, vote=args.vote, level=args.level, cache_dir=args.cache_dir, device=args.device,
                 precision=args.precision, batch_size=args.batch_size, num_workers=args.workers, out=args.out,
                 support_lists=support_lists, metric=args.metric, score_classes=args.score_classes or "present",
-                index_params=IndexParams(nlist=args.nlist, nprobe=args.nprobe),
+                index_params=index_params,
             )
     finally:
         dist.destroy()

@@ -367,7 +367,7 @@ def run_hbird(
                                                    device=device, precision=resolved, batch_size=batch_size,
                                                    progress=progress)
         t1 = time.perf_counter()
-        index = memory_index(feats, dists, index_kind, index_params or IndexParams(seed=seed), device)
+        index = memory_index(feats, dists, index_kind, IndexParams.for_run(index_params, seed), device)
         check_k(k, index.ntotal)
         t2 = time.perf_counter()
         qbar = tqdm(total=len(val_ds.ids), desc=f"hbird search 1/{r} seed {seed}", unit="img", leave=False,

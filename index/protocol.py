@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict
 import time
 from typing import Any, Callable, Sequence
 
@@ -387,7 +387,7 @@ def run_protocol(
         images = np.asarray([position[i] for i in ids], dtype=np.int64)
         t0 = time.perf_counter()
         rows = fs_tr.rows_of(images, labelled_only=True)
-        params = replace(index_params, seed=seed) if index_params is not None else IndexParams(seed=seed)
+        params = IndexParams.for_run(index_params, seed)
         if dist.world_size() > 1:  # torchrun: this rank indexes its shard, results merged (index.sharded)
             index = ShardedIndex(fs_tr.features, rows, fs_tr.labels[rows], index_kind, params=params, device=device)
         else:

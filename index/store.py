@@ -26,6 +26,7 @@ where a search runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -102,6 +103,12 @@ class IndexParams:
     ef_construction: int = 40
     train_size: int | None = None
     seed: int = 0
+
+    @staticmethod
+    def for_run(params: "IndexParams | None", seed: int) -> "IndexParams":
+        """The knobs of one protocol run: ``params`` (or the defaults) with the run's ``seed``, so the
+        IVF training sample is drawn per run whether or not knobs were given."""
+        return dataclasses.replace(params or IndexParams(), seed=seed)
 
 
 def default_nlist(n: int) -> int:

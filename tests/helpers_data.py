@@ -54,3 +54,16 @@ def make_folder_dataset(root: Path, splits: dict[str, int] | None = None, *, siz
             Image.fromarray(img).save(root / "images" / split / f"{split}_{j:03d}.png")
             Image.fromarray(mask).save(root / "masks" / split / f"{split}_{j:03d}.png")
     return root
+
+
+def clustered_feature_cache(path: Path, n: int, seed: int, *, dim: int = 32, clusters: int = 20) -> np.ndarray:
+    """A read-only float16 memmap ``(n, dim)`` of L2-normalised points around ``clusters`` random centres
+    (noise 0.5), written to ``path`` like a feature cache: the support features of the re-ranking tests."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=x.shape)
+    mm[:] = x
+    mm.flush()
+    return np.load(path, mmap_mode="r")

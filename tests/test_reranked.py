@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cribo.backbones import load_backbone
-from helpers_data import make_folder_dataset
+from helpers_data import clustered_feature_cache, make_folder_dataset
 from index.datasets import open_dataset
 from index.protocol import run_protocol
 from index.reranked import RerankedIndex, RerankParams
@@ -15,15 +15,7 @@ from index.store import IndexParams
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((20, 32)).astype(np.float32)
-    x = centres[rng.integers(0, 20, 6000)] + 0.5 * rng.standard_normal((6000, 32)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    path = tmp_path_factory.mktemp("rr") / "features.npy"
-    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=x.shape)
-    mm[:] = x
-    mm.flush()
-    return np.load(path, mmap_mode="r")  # read-only float16 memmap, like a feature cache
+    return clustered_feature_cache(tmp_path_factory.mktemp("rr") / "features.npy", 6000, seed=0)
 
 
 def _exact(features, rows, xq, k):

@@ -5,20 +5,13 @@ import faiss
 import numpy as np
 import pytest
 
+from helpers_data import clustered_feature_cache
 from index.reranked import RerankedIndex, RerankParams, default_ivfpq_nlist, exact_rerank
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rng = np.random.default_rng(1)
-    centres = rng.standard_normal((20, 32)).astype(np.float32)
-    x = centres[rng.integers(0, 20, 4000)] + 0.5 * rng.standard_normal((4000, 32)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    path = tmp_path_factory.mktemp("fs") / "features.npy"
-    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=x.shape)
-    mm[:] = x
-    mm.flush()
-    return np.load(path, mmap_mode="r")  # read-only float16 memmap, like a feature cache
+    return clustered_feature_cache(tmp_path_factory.mktemp("fs") / "features.npy", 4000, seed=1)
 
 
 def test_default_nlist_values():

@@ -258,3 +258,8 @@ def test_select_support_errors():
         select_support(IDS, 0, 0)
     with pytest.raises(ValueError, match="keeps no image"):
         select_support(IDS[:3], 8, 0)
+
+
+def test_index_params_for_run_keep_the_knobs_and_take_the_run_seed():
+    assert IndexParams.for_run(None, 3) == IndexParams(seed=3)
+    assert IndexParams.for_run(IndexParams(nlist=7, nprobe=2, seed=9), 4) == IndexParams(nlist=7, nprobe=2, seed=4)
