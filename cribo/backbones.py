@@ -60,6 +60,7 @@ class ArchSpec:
     patch_size: int
     embed_dim: int
     depth: int | None = None      # transformer blocks (None: the timm model's own)
+    num_heads: int | None = None  # attention heads (None: the timm model's own)
     conv_stem: bool = False       # patchify with a convolutional stem instead of one p x p convolution
 
 
@@ -76,6 +77,9 @@ ARCHS: dict[str, ArchSpec] = {
     # and one transformer block is removed to keep the compute, as in that paper. Learns faster from
     # scratch on small data (the built-in is trained on CPU).
     "vit_tiny_convstem_patch16": ArchSpec("vit_tiny_patch16_224", 16, 192, depth=11, conv_stem=True),
+    # A quarter of that compute for CPU pretraining: width 128 (2 heads of 64), 6 blocks, the same stem
+    # (16-32-64-128 channels). About 0.06 GMAC per 112-px view against 0.28 for the tiny one.
+    "vit_mini_convstem_patch16": ArchSpec("vit_tiny_patch16_224", 16, 128, depth=6, num_heads=2, conv_stem=True),
 }
 
 
@@ -129,6 +133,9 @@ def _timm_vit(arch: str, **kwargs) -> VisionTransformer:
     spec = arch_spec(arch)
     if spec.depth is not None:
         kwargs["depth"] = spec.depth
+    if spec.num_heads is not None:
+        kwargs["num_heads"] = spec.num_heads
+    kwargs["embed_dim"] = spec.embed_dim
     if spec.conv_stem:
         kwargs["embed_layer"] = _conv_stem_embed
     return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True,

@@ -36,8 +36,17 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 def test_registry_holds_the_supported_vits():
     assert set(ARCHS) == {"vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
                           "vit_tiny_patch8_224", "vit_small_patch8_224", "vit_base_patch8_224",
-                          "vit_tiny_convstem_patch16"}
+                          "vit_tiny_convstem_patch16", "vit_mini_convstem_patch16"}
     assert BUILTIN_ARCH in ARCHS
+
+
+def test_arch_spec_overrides_reach_timm():
+    # The mini arch is the tiny config with width, heads and depth overridden, and the conv stem.
+    vit = backbones._empty_vit("vit_mini_convstem_patch16")
+    assert (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == (128, 6, 2)
+    assert isinstance(vit.patch_embed, backbones.HybridEmbed) and backbones.patch_stride(vit) == 16
+    tiny = backbones._empty_vit("vit_tiny_convstem_patch16")
+    assert (tiny.embed_dim, len(tiny.blocks), tiny.blocks[0].attn.num_heads) == (192, 11, 3)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
