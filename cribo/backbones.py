@@ -40,7 +40,7 @@ from cribo.dirswap import TargetError, check_output_file
 from cribo.errors import TORCH_LOAD_ERRORS, TORCH_PROTOCOL_WARNING, DataError
 from cribo.io import atomic_path, write_json
 
-BUILTIN_ARCH = "vit_tiny_patch16_224"
+BUILTIN_ARCH = "vit_mini_convstem_patch16"
 BUILTIN_WEIGHTS = Path(__file__).resolve().parent / "weights" / "builtin.safetensors"
 EXPORT_FORMAT = "cribo-backbone"
 _EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

@@ -3,7 +3,7 @@
 # learning curve, fp16 export, and the Table-1 row beside its baselines on held-out scenes.
 #
 #     scripts/train_builtin.sh                       # one GPU, bf16 (the default)
-#     DEVICE=cpu PRECISION=auto BATCH=32 scripts/train_builtin.sh     # the CPU run of docs/experiments
+#     DEVICE=cpu PRECISION=auto BATCH=32 scripts/train_builtin.sh     # the CPU run of the shipped built-in
 #
 # Every setting is an environment variable (defaults below). The run resumes: run the same command
 # again after an interruption. Outputs: $OUT/{checkpoint.pth,log.jsonl,config.json,curve.png,
@@ -20,6 +20,7 @@ TRAIN_SCENES=${TRAIN_SCENES:-5000}      # seed 0: pretraining images (labels nev
 SUPPORT_SCENES=${SUPPORT_SCENES:-500}   # seed 1: held-out labelled support split
 VAL_SCENES=${VAL_SCENES:-300}           # seed 2: held-out queries
 OUT=${OUT:-runs/builtin-recipe}
+ARCH=${ARCH:-vit_mini_convstem_patch16}  # the built-in's; vit_tiny_convstem_patch16 is run C's
 STEPS=${STEPS:-20000}
 BATCH=${BATCH:-256}                     # the learning rate below is per 256 images (DINO's scaling)
 WORKERS=${WORKERS:-8}
@@ -41,7 +42,7 @@ for split in "train 0 $TRAIN_SCENES" "support 1 $SUPPORT_SCENES" "val 2 $VAL_SCE
 done
 
 # shellcheck disable=SC2086
-"$PYTHON" train.py --data "$SCENES/images/train" --preset cpu-tiny --arch vit_tiny_convstem_patch16 \
+"$PYTHON" train.py --data "$SCENES/images/train" --preset cpu-tiny --arch "$ARCH" \
   --device "$DEVICE" --precision "$PRECISION" --img-size 112 --batch-size "$BATCH" --max-steps "$STEPS" \
   --out-dim 1024 --lr 2e-3 --warmup-steps 300 --teacher-temp 0.04 --warmup-teacher-temp 0.04 \
   --teacher-temp-warmup-steps 0 --freeze-last-layer-steps 150 --ci-start-step 150 \
@@ -51,5 +52,5 @@ done
 
 "$PYTHON" train.py plot --output-dir "$OUT"
 "$PYTHON" train.py export --output-dir "$OUT" --dtype fp16
-"$PYTHON" bench/baselines.py --root "$SCENES" --arch vit_tiny_convstem_patch16 \
+"$PYTHON" bench/baselines.py --root "$SCENES" --arch "$ARCH" \
   --weights "CrIBo=$OUT/backbone.safetensors" --ratios "$RATIOS" --seeds "$SEEDS" --cache-dir "$OUT/.cache" --out "$OUT/table1"

@@ -170,12 +170,12 @@ def test_export_checksum_and_descriptor_are_verified(tmp_path, tiny):
         load_backbone(weights=path)
 
 
-def test_builtin_missing_then_present(tmp_path, monkeypatch, tiny):
+def test_builtin_missing_then_present(tmp_path, monkeypatch):
     builtin = tmp_path / "weights" / "builtin.safetensors"
     monkeypatch.setattr(backbones, "BUILTIN_WEIGHTS", builtin)
     with pytest.raises(BackboneLoadError, match=f"builtin backbone weights are missing: {re.escape(str(builtin))}"):
         load_backbone("builtin")
-    info = export_backbone(tiny, BUILTIN_ARCH, builtin)
+    info = export_backbone(load_backbone(BUILTIN_ARCH, random_init=True, seed=0), BUILTIN_ARCH, builtin)
     loaded = load_backbone("builtin")
     assert (loaded.arch, loaded.identity) == (BUILTIN_ARCH, info["sha256"])
     with pytest.raises(ValueError, match="brings its own weights"):

@@ -29,5 +29,5 @@ def test_builtin_loads_and_differs_from_random_init():
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         a, b = bb.forward_features(x), rnd.forward_features(x)
-    assert a["grid"] == (4, 6) and a["x_norm_patchtokens"].shape == (1, 24, 192)
+    assert a["grid"] == (4, 6) and a["x_norm_patchtokens"].shape == (1, 24, bb.embed_dim)
     assert not torch.allclose(a["x_norm_patchtokens"], b["x_norm_patchtokens"])

@@ -30,7 +30,7 @@ def test_one_command_makes_scenes_trains_exports_and_scores(tmp_path):
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_miou" in r] == [0, 1, 2]
     assert (run / "training_curves.png").stat().st_size > 0
-    assert json.loads((run / "backbone.json").read_text())["arch"] == "vit_tiny_convstem_patch16"
+    assert json.loads((run / "backbone.json").read_text())["arch"] == "vit_mini_convstem_patch16"  # ARCH defaults to the built-in's
     table = (run / "table1" / "baselines.md").read_text()
     assert "| CrIBo |" in table and "texture descriptor" in table and "| 1/1 | 1/8 |" in table
 
