@@ -45,6 +45,10 @@ def build_train_parser() -> CliParser:
     req.add_argument("--stop-at", type=int, help="checkpoint after this step and exit 0 (resume by running again)")
     req.add_argument("--seed", type=int, help=_default("seed"))
     req.add_argument("--preset", choices=sorted(RECIPES), help="; ".join(f"{k}: {v.description}" for k, v in RECIPES.items()))
+    req.add_argument("--init-from", metavar="CKPT",
+                     help="start from the networks and loss centres of this train.py checkpoint (same --arch and "
+                          "heads); optimiser, schedules and memory bank start afresh (a curriculum: a second "
+                          "recipe continuing a first run)")
     req.add_argument("--device", help=_default("device") + "; cuda under torchrun uses cuda:LOCAL_RANK")
 
     net = p.add_argument_group("network")

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,48 @@ def test_damaged_checkpoint_resumes_from_its_predecessor_and_says_so(tmp_path, d
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert summary["start_step"] == 1 and summary["resumed_from"] == str(out / "checkpoint.prev.pth")
     assert summary["step"] == 2 and torch.load(ckpt, weights_only=True)["step"] == 2  # a good file again
+
+
+def test_init_from_starts_a_new_recipe_from_another_runs_networks(tmp_path, data_dir, capsys):
+    src, dst, fresh = tmp_path / "src", tmp_path / "dst", tmp_path / "fresh"
+    main = train_main()
+    assert main(argv(data_dir, src, "--stop-at", "2")) == 0
+    capsys.readouterr()
+    # The learning rate is 0 at step 0 (linear warm-up), so one step leaves the student as it started.
+    assert main(argv(data_dir, dst, "--augment", "mild", "--stop-at", "1", "--init-from", str(src))) == 0
+    out = capsys.readouterr()
+    source, started = torch.load(src / "checkpoint.pth", weights_only=True), torch.load(dst / "checkpoint.pth", weights_only=True)
+    assert json.loads(out.out.splitlines()[-1])["init_from"] == {"path": str(src), "identity": source["identity"],
+                                                                 "step": 2, "arch": "vit_tiny_patch16_224"}
+    assert f"initialised from {src} (run {source['identity']}, step 2)" in out.err
+    assert_same(started["student"], source["student"], "student")
+    assert main(argv(data_dir, fresh, "--augment", "mild", "--stop-at", "1")) == 0
+    random_init = torch.load(fresh / "checkpoint.pth", weights_only=True)["student"]
+    assert not torch.equal(random_init["backbone.pos_embed"], source["student"]["backbone.pos_embed"])
+    # a new optimiser and bank: one step's worth, where the source had two
+    steps = [max(int(s["step"]) for s in ckpt["optimizer"]["state"].values()) for ckpt in (started, source)]
+    assert steps == [1, 2]
+    assert (int(started["bank"]["pushed"]), int(source["bank"]["pushed"])) == (2, 4)  # batch 2 per step
+
+    # A resume reads its own checkpoint, never the source again (which may be gone) ...
+    shutil.rmtree(src)
+    assert main(argv(data_dir, dst, "--augment", "mild", "--stop-at", "2", "--init-from", str(src))) == 0
+    assert torch.load(dst / "checkpoint.pth", weights_only=True)["step"] == 2
+    # ... and the source is part of the run's identity.
+    capsys.readouterr()
+    assert main(argv(data_dir, dst, "--augment", "mild", "--init-from", str(tmp_path / "other.pth"))) == 1
+    assert "differing: init_from" in capsys.readouterr().err
+
+
+def test_init_from_refuses_networks_of_another_shape(tmp_path, data_dir, capsys):
+    src = tmp_path / "src"
+    main = train_main()
+    assert main(argv(data_dir, src, "--stop-at", "1")) == 0
+    capsys.readouterr()
+    dst = tmp_path / "dst"
+    assert main([*argv(data_dir, dst, "--init-from", str(src / "checkpoint.pth")), "--out-dim", "32"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"^error: --init-from {re.escape(str(src / 'checkpoint.pth'))}: its networks do not fit this run "
+                     r"\(--out-dim 64 there, 32 here\); pass the same network options", err, re.M), err
+    assert main(argv(data_dir, dst, "--init-from", str(tmp_path / "missing.pth"))) == 1
+    assert "missing.pth: no such checkpoint" in capsys.readouterr().err

@@ -31,6 +31,9 @@ NON_IDENTITY_FIELDS = frozenset({"stop_at", "log_every", "ckpt_every", "num_work
                                  "eval_dataset", "eval_train_split", "eval_val_split", "eval_support",
                                  "eval_queries"})
 
+#: The fields that shape the networks and loss centres: ``--init-from`` needs them equal in both runs.
+INIT_COMPATIBLE_FIELDS = ("arch", "img_size", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "norm_last_layer")
+
 #: Epoch-denominated lengths and the step field each one resolves to.
 EPOCH_FIELDS = {
     "warmup_epochs": "warmup_steps",
@@ -99,6 +102,10 @@ class TrainConfig:
     # when the run starts (cribo.precision): bf16 where the hardware has bf16 arithmetic (GPUs,
     # AVX-512-BF16/AMX CPUs), else fp32 (bf16 autocast is several times slower on AVX2-only CPUs).
     precision: str = "auto"
+    # Start from the networks (student, teacher, heads) and loss centres of another run's checkpoint
+    # (a train.py checkpoint.pth of the same architecture and heads); optimiser, schedules, memory
+    # bank and step start afresh. Read only when the run starts at step 0; a resume ignores it.
+    init_from: str | None = None
     # --- run management (not part of the identity) -----------------------------------------------
     stop_at: int | None = None          # checkpoint after this step and exit (planned interruption)
     log_every: int = 10

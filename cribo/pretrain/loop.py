@@ -37,8 +37,9 @@ from cribo.io import atomic_path, write_json
 from cribo.jsonl import JsonlError, read_jsonl
 from cribo.precision import resolve_precision
 from cribo.pretrain.checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_identity, has_checkpoint,
-                                       load_latest, remove_stale_checkpoint_temps, restore_rng, save_checkpoint)
-from cribo.pretrain.config import TrainConfig
+                                       load_checkpoint, load_latest, remove_stale_checkpoint_temps, restore_rng,
+                                       save_checkpoint)
+from cribo.pretrain.config import INIT_COMPATIBLE_FIELDS, TrainConfig
 from cribo.pretrain.data import build_pretraining_dataset
 from cribo.pretrain.step import CrIBoTrainer
 from cribo.pretrain.timing import TIME_SPLITS, StepTimer, peak_memory_mb
@@ -229,6 +230,23 @@ def _resume(trainer: CrIBoTrainer, ckpt_path: Path, identity: str, rank: int, wo
     return start, resumed_from
 
 
+def _init_from(trainer: CrIBoTrainer, path: str, is_main: bool) -> dict[str, Any]:
+    """Load the networks and loss centres of the checkpoint at ``path`` into ``trainer`` (``--init-from``;
+    a run directory means its checkpoint.pth, or the predecessor if that is damaged). Returns where they came from: {path, identity, step, arch}."""
+    state = load_latest(Path(path) / CHECKPOINT_NAME)[0] if Path(path).is_dir() else load_checkpoint(path)
+    theirs, mine = state["config"], trainer.config
+    differ = [f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {getattr(mine, k)!r} here"
+              for k in INIT_COMPATIBLE_FIELDS if theirs.get(k) != getattr(mine, k)]
+    if differ:
+        raise CheckpointError(f"--init-from {path}: its networks do not fit this run ({'; '.join(differ)}); "
+                              "pass the same network options as the run that wrote it")
+    trainer.load_networks(state)
+    origin = {"path": str(path), "identity": state["identity"], "step": int(state["step"]), "arch": theirs.get("arch")}
+    if is_main:
+        print(f"initialised from {path} (run {origin['identity']}, step {origin['step']})", file=sys.stderr)
+    return origin
+
+
 def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
          crash_at_step: int | None) -> dict[str, Any]:
     out_dir = Path(config.output_dir)
@@ -257,6 +275,7 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
     trainer.cluster_generator.manual_seed(config.seed + rank)
 
     start, resumed_from = _resume(trainer, ckpt_path, identity, rank, world, device)
+    init = _init_from(trainer, config.init_from, is_main) if start == 0 and config.init_from else None
     if is_main:
         truncate_log(log_path, start)
         write_json(out_dir / "config.json", {"identity": identity, "world_size": world, "dataset_len": len(dataset),
@@ -266,6 +285,8 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device,
 
     summary = {"output_dir": str(out_dir), "identity": identity, "start_step": start, "epoch_steps": epoch_steps,
                "max_steps": config.max_steps, "resumed_from": None if resumed_from is None else str(resumed_from)}
+    if init is not None:
+        summary["init_from"] = init
     end = config.stop_at if config.stop_at is not None else config.max_steps
     if start >= end:
         summary.update(step=start, stopped=start < config.max_steps)

@@ -342,6 +342,14 @@ class CrIBoTrainer:
                 "dino_loss": self.dino_loss.state_dict(), "object_loss": self.object_loss.state_dict(),
                 "bank": self.bank.state_dict()}
 
+    def load_networks(self, state: dict[str, Any]) -> None:
+        """Student, teacher and the two loss centres of a checkpoint (``--init-from``), strict; the
+        optimiser, gradient scaler and memory bank keep their fresh state."""
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.dino_loss.load_state_dict(state["dino_loss"])
+        self.object_loss.load_state_dict(state["object_loss"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Strict everywhere: any missing or unexpected entry raises."""
         self.student.load_state_dict(state["student"])
