@@ -232,7 +232,9 @@ def _resume(trainer: CrIBoTrainer, ckpt_path: Path, identity: str, rank: int, wo
 
 def _init_from(trainer: CrIBoTrainer, path: str, is_main: bool) -> dict[str, Any]:
     """Load the networks and loss centres of the checkpoint at ``path`` into ``trainer`` (``--init-from``;
-    a run directory means its checkpoint.pth, or the predecessor if that is damaged). Returns where they came from: {path, identity, step, arch}."""
+    a run directory means its checkpoint.pth, or the predecessor if that is damaged).
+
+    Returns where they came from: {path, identity, step, arch}."""
     state = load_latest(Path(path) / CHECKPOINT_NAME)[0] if Path(path).is_dir() else load_checkpoint(path)
     theirs, mine = state["config"], trainer.config
     differ = [f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {getattr(mine, k)!r} here"

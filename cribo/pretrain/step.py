@@ -352,13 +352,10 @@ class CrIBoTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Strict everywhere: any missing or unexpected entry raises."""
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
+        self.load_networks(state)
         self.optimizer.load_state_dict(state["optimizer"])
         if (self.scaler is None) != (not state["scaler"]):
             raise CheckpointError("the checkpoint's gradient-scaler state does not match --precision")
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.dino_loss.load_state_dict(state["dino_loss"])
-        self.object_loss.load_state_dict(state["object_loss"])
         self.bank.load_state_dict(state["bank"])
