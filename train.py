@@ -63,6 +63,11 @@ def build_train_parser() -> CliParser:
                      help="view augmentations (cribo.pretrain.transforms.AUGMENTATIONS): dino (DINO's pair), texture "
                           "(weak blur), mild (weak blur, class-preserving colour changes), colour (weak blur, hue over the whole "
                           "wheel: the views disagree in colour) " + _default("augment"))
+    net.add_argument("--student-augment", choices=sorted(AUGMENTATIONS),
+                     help="asymmetric views: the student sees the teacher's crops with these photometric changes "
+                          "(e.g. --augment mild --student-augment colour: the teacher clusters and targets views "
+                          "of the true colours, the student must predict them from hue-shifted ones) "
+                          "(default: the teacher's views)")
 
     cr = p.add_argument_group("CrIBo")
     cr.add_argument("-K", "--num-clusters", type=int, help=_default("num_clusters"))

@@ -130,6 +130,40 @@ def test_a_batch_seen_before_retrieves_itself_cycle_consistently():
     assert len(trainer.bank) == 6
 
 
+def _step_outputs(batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    trainer = CrIBoTrainer(resolved(), torch.device("cpu"))
+    trainer.cluster_generator.manual_seed(5)
+    torch.manual_seed(1)  # drop path
+    out = trainer.forward(batch, 0)
+    return {**out, "global_center": trainer.dino_loss.center.clone()}
+
+
+def test_student_views_feed_the_student_and_only_the_student():
+    """A batch of 6 (--student-augment): the teacher (clusters, targets, centres) sees views 1-2, the
+    student the last two. Student views equal to the teacher's give the 4-tensor step bitwise;
+    other student views change the losses but nothing the teacher computed."""
+    batch = random_batch(3)
+    four = _step_outputs(batch)
+    same = _step_outputs(batch + [batch[0].clone(), batch[1].clone()])
+    for key in ("loss", "loss_global", "loss_object", "kept_clusters", "global_center"):
+        assert torch.equal(four[key], same[key]), key
+    other = random_batch(3, seed=7)
+    asym = _step_outputs(batch + other[:2])
+    assert torch.equal(asym["kept_clusters"], four["kept_clusters"])  # the teacher's clustering
+    assert torch.equal(asym["global_center"], four["global_center"])  # the teacher's outputs
+    assert asym["loss_global"] != four["loss_global"] and asym["loss_object"] != four["loss_object"]
+    with pytest.raises(ValueError, match="4 tensors .* or 6"):
+        CrIBoTrainer(resolved(), torch.device("cpu")).forward(batch[:3], 0)
+
+
+def test_a_run_with_student_views_trains_and_names_them_in_its_config(tmp_path):
+    summary = train(tiny_config(tmp_path, augment="mild", student_augment="colour", max_steps=2, log_every=1))
+    assert summary["step"] == 2
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["config"]["student_augment"] == "colour"
+
+
 def test_last_layers_frozen_during_the_first_steps():
     torch.manual_seed(0)
     trainer = CrIBoTrainer(resolved(freeze_last_layer_steps=1), torch.device("cpu"))
@@ -219,6 +253,18 @@ def test_identity_ignores_run_management_but_not_the_method():
     assert base.identity(world_size=2) != base.identity(world_size=1)
     assert dataclasses.replace(base, lr=1e-4).identity_diff(base.to_dict()) == ["lr"]
     assert TrainConfig.from_dict(base.to_dict()) == base
+
+
+def test_a_field_added_later_leaves_older_identities_alone():
+    """student_augment at its default (None) is not in the fingerprint, so a run started before the
+    field existed (its stored config lacks the key) resumes; set, it is part of the identity."""
+    base = resolved()
+    old = {k: v for k, v in base.to_dict().items() if k != "student_augment"}
+    assert TrainConfig.from_dict(old).identity() == base.identity() and base.identity_diff(old) == []
+    asym = dataclasses.replace(base, student_augment="colour")
+    assert asym.identity() != base.identity() and asym.identity_diff(old) == ["student_augment"]
+    with pytest.raises(ValueError, match="student_augment='nope'.*choose one of"):
+        dataclasses.replace(base, student_augment="nope")
 
 
 def test_config_errors_name_the_argument():

@@ -13,11 +13,14 @@ from cribo.pretrain.transforms import (
     VIEW1_AUG,
     VIEW2_AUG,
     TwoViewTransform,
+    ViewAugmentation,
     ViewParams,
+    apply_geometry,
     apply_photometric,
     draw_view_params,
     patch_centres,
     random_resized_crop_params,
+    to_normalized_tensor,
 )
 
 
@@ -178,3 +181,36 @@ def test_bad_arguments():
         TwoViewTransform(scale=(0.5, 0.2))
     with pytest.raises(TypeError, match="PIL image"):
         TwoViewTransform(img_size=32)(np.zeros((32, 32, 3), dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------- asymmetric (student) views
+_PLAIN = ViewAugmentation(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+_GREY = ViewAugmentation(jitter_p=0.0, grayscale_p=1.0, blur_p=0.0, solarize_p=0.0)
+
+
+def test_student_views_share_the_crop_and_differ_only_in_their_photometric_changes():
+    """--student-augment: the student's view k is the teacher's crop and flip of view k with the
+    student's own photometric draw; here the teacher's views are plain crops and the student's are
+    their grey versions, pixel for pixel."""
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    tf = TwoViewTransform(img_size=32, patch_size=16, view1_aug=_PLAIN, view2_aug=_PLAIN, student_augs=(_GREY, _GREY))
+    out = tf.sample(img, generator=torch.Generator().manual_seed(4))
+    assert len(out.as_tuple()) == 6
+    for view, student, params, s_params in ((out.view1, out.student_view1, out.params1, out.student_params1),
+                                            (out.view2, out.student_view2, out.params2, out.student_params2)):
+        assert (s_params.box, s_params.flip) == (params.box, params.flip) and s_params.grayscale and not params.grayscale
+        geo = apply_geometry(img, params.box, params.flip, 32)
+        assert torch.equal(view, to_normalized_tensor(geo))
+        assert torch.equal(student, to_normalized_tensor(TF.rgb_to_grayscale(geo, num_output_channels=3)))
+    assert out.params1.box != out.params2.box  # two crops, each shared by its teacher and student version
+
+
+def test_without_student_augs_the_views_and_draws_are_unchanged():
+    """Asymmetric views draw their photometric changes AFTER each teacher view's draws, so the teacher's
+    views of a seed are those of the symmetric transform, and the symmetric one returns 4 tensors."""
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    plain = TwoViewTransform(img_size=32, patch_size=16).sample(img, generator=torch.Generator().manual_seed(9))
+    assert plain.student_view1 is None and len(plain.as_tuple()) == 4
+    asym = TwoViewTransform(img_size=32, patch_size=16, student_augs=(_GREY, _GREY))
+    first = asym.sample(img, generator=torch.Generator().manual_seed(9))
+    assert first.params1 == plain.params1 and torch.equal(first.view1, plain.view1)

@@ -31,6 +31,10 @@ NON_IDENTITY_FIELDS = frozenset({"stop_at", "log_every", "ckpt_every", "num_work
                                  "eval_dataset", "eval_train_split", "eval_val_split", "eval_support",
                                  "eval_queries"})
 
+#: Fields added after runs existed: left out of the identity while at these defaults, so a run
+#: started before the field existed resumes with the code that has it.
+IDENTITY_OMITTED_DEFAULTS = {"student_augment": None}
+
 #: The fields that shape the networks and loss centres: ``--init-from`` needs them equal in both runs.
 INIT_COMPATIBLE_FIELDS = ("arch", "img_size", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "norm_last_layer")
 
@@ -79,6 +83,10 @@ class TrainConfig:
     ci_normalisation: str = "paper"     # L_ci^o: paper (Z1, Z2) | reference (both by Z1): cribo.pretrain.losses
     crop_scale: tuple[float, float] = (0.25, 1.0)
     augment: str = "dino"               # view augmentations (cribo.pretrain.transforms.AUGMENTATIONS): dino | texture | mild | colour
+    # Asymmetric views: the student sees the teacher's crops with THESE photometric changes (an
+    # AUGMENTATIONS name); the teacher (clustering, targets, bank) sees ``augment``'s. None: CrIBo's
+    # one set of views for both.
+    student_augment: str | None = None
     # --- optimisation (DINO) ---------------------------------------------------------------------
     lr: float = 5e-4                    # base lr, scaled by global_batch / 256
     min_lr: float = 1e-5
@@ -149,6 +157,8 @@ class TrainConfig:
             raise bad("precision", f"choose one of {', '.join(PRECISIONS)}")
         if self.augment not in AUGMENTATIONS:
             raise bad("augment", f"choose one of {', '.join(AUGMENTATIONS)}")
+        if self.student_augment is not None and self.student_augment not in AUGMENTATIONS:
+            raise bad("student_augment", f"choose one of {', '.join(AUGMENTATIONS)}")
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise bad("crop_scale", "need 0 < MIN <= MAX <= 1 (fractions of the image area)")
         if self.bank_dtype not in BANK_DTYPES:
@@ -219,7 +229,8 @@ class TrainConfig:
         (the engine adds the world size and the dataset length)."""
         if not self.is_resolved:
             raise ValueError("TrainConfig.identity: resolve the epoch-based lengths first (config.resolved(epoch_steps))")
-        d = {k: v for k, v in self.to_dict().items() if k not in NON_IDENTITY_FIELDS and k != "preset"}
+        d = {k: v for k, v in self.to_dict().items() if k not in NON_IDENTITY_FIELDS and k != "preset"
+             and not (k in IDENTITY_OMITTED_DEFAULTS and v == IDENTITY_OMITTED_DEFAULTS[k])}
         d.update(extra)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -117,8 +117,9 @@ def build_dataset(config: TrainConfig, patch_size: int) -> Dataset:
     """The pretraining dataset of ``config.data`` with the two-view transform (cribo.pretrain.data)."""
 
     view1_aug, view2_aug = AUGMENTATIONS[config.augment]
+    student_augs = AUGMENTATIONS[config.student_augment] if config.student_augment is not None else None
     transform = TwoViewTransform(config.img_size, scale=tuple(config.crop_scale), patch_size=patch_size,
-                                 view1_aug=view1_aug, view2_aug=view2_aug)
+                                 view1_aug=view1_aug, view2_aug=view2_aug, student_augs=student_augs)
     return build_pretraining_dataset(config.data, transform, split=config.data_split,
                                      skip_corrupt=config.skip_corrupt)
 

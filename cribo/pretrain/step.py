@@ -259,15 +259,21 @@ class CrIBoTrainer:
         """Teacher, clustering, bank, student and the three losses for iteration ``it`` (0-based).
 
         Args:
-            batch: (view1 (B,3,S,S), view2 (B,3,S,S), coords1 (B,N,2), coords2 (B,N,2)).
+            batch: (view1 (B,3,S,S), view2 (B,3,S,S), coords1 (B,N,2), coords2 (B,N,2)), optionally
+                followed by the student's versions of the two views (B,3,S,S) each
+                (``--student-augment``: same crops, other photometric changes); without them the
+                student sees the teacher's views, as in CrIBo.
 
         Returns a dict of scalar tensors: ``loss`` (with graph), ``loss_global``, ``loss_object``,
         ``loss_cross_image``, ``bootstrap_ratio``, ``kept_clusters`` (detached). Pushes this step's
         teacher objects into the banks (after the query) and updates the loss centres.
         """
         c, K = self.config, self.config.num_clusters
-        v1, v2, pos1, pos2 = (t.to(self.device, non_blocking=True) for t in batch)
+        if len(batch) not in (4, 6):
+            raise ValueError(f"a batch holds 4 tensors (views, coordinates) or 6 (plus the student's views), got {len(batch)}")
+        v1, v2, pos1, pos2, *student_views = (t.to(self.device, non_blocking=True) for t in batch)
         views, coords = torch.stack([v1, v2]), torch.stack([pos1, pos2])  # (2, B, 3, S, S), (2, B, N, 2)
+        s_views = torch.stack(student_views) if student_views else views  # (2, B, 3, S, S)
         B, N = coords.shape[1:3]
         if N != self.num_patches:
             raise ValueError(f"batch coordinates have {N} patches per view, the network makes {self.num_patches}")
@@ -293,7 +299,7 @@ class CrIBoTrainer:
 
         with section(timer, "forward"):
             with self.autocast():
-                s_global, s_obj_logits = self.student_ddp(views, assign)  # (2, B, L), (2, B, K, L)
+                s_global, s_obj_logits = self.student_ddp(s_views, assign)  # (2, B, L), (2, B, K, L)
             loss_global = self.dino_loss(*s_global, *t_global, temp)
             loss_object = self.object_loss(*s_obj_logits, *t_obj_logits, valid, temp)
             loss_ci = ratio = torch.zeros((), device=self.device)

@@ -15,6 +15,13 @@ Augmentations follow DINO's two global crops (method reference, "Data"):
 - solarize (threshold 128) p=0.2 on view 2 only;
 - ImageNet normalisation.
 
+Asymmetric views (``student_augs``, ``train.py --student-augment``; not in the paper): each view is
+also returned with a second, independent photometric draw on the same crop and flip, for the student,
+while the teacher (clustering, targets, bank) sees the first. With ``--augment mild --student-augment
+colour`` the teacher clusters and describes views in their true colours, so the two views' objects
+still match by colour, while the student must predict those targets from hue-shifted views: colour
+alone no longer answers, and texture and shape must.
+
 All randomness is drawn from torch: the global RNG by default (so ``DataLoader`` worker seeding makes
 a run reproducible) or an explicit ``torch.Generator`` (:meth:`TwoViewTransform.sample`, used by the
 app to show the views of a given seed). Every random parameter of a view is drawn up front, in a fixed
@@ -23,6 +30,7 @@ redrawn or explained.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -111,6 +119,8 @@ class TwoViews:
         pixels, patches in row-major order (the ViT token order).
     params1, params2: the random decisions (crop box, flip, photometric) of each view.
     image_size: (width, height) of the original image.
+    student_view1, student_view2: with ``student_augs``, the student's versions of the two views: the
+        same crop and flip, the student's own photometric changes (``student_params1/2``); else None.
     """
 
     view1: torch.Tensor
@@ -120,6 +130,10 @@ class TwoViews:
     params1: ViewParams
     params2: ViewParams
     image_size: tuple[int, int]
+    student_view1: torch.Tensor | None = None
+    student_view2: torch.Tensor | None = None
+    student_params1: ViewParams | None = None
+    student_params2: ViewParams | None = None
 
     @property
     def boxes(self) -> tuple[CropBox, CropBox]:
@@ -129,8 +143,12 @@ class TwoViews:
     def flips(self) -> tuple[bool, bool]:
         return self.params1.flip, self.params2.flip
 
-    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.view1, self.view2, self.coords1, self.coords2
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        """(view1, view2, coords1, coords2), plus (student_view1, student_view2) when drawn."""
+        out = (self.view1, self.view2, self.coords1, self.coords2)
+        if self.student_view1 is not None:
+            out += (self.student_view1, self.student_view2)
+        return out
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
@@ -253,7 +271,8 @@ def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class TwoViewTransform:
-    """PIL image -> ``(view1 (3,S,S), view2 (3,S,S), coords1 (N,2), coords2 (N,2))``.
+    """PIL image -> ``(view1 (3,S,S), view2 (3,S,S), coords1 (N,2), coords2 (N,2))``, plus
+    ``(student_view1, student_view2)`` when ``student_augs`` is given.
 
     Args:
         img_size: side S of both (square) global views; a multiple of ``patch_size``.
@@ -261,6 +280,10 @@ class TwoViewTransform:
         patch_size: ViT patch size p; N = (S/p)^2 coordinates per view.
         photometric: apply DINO's photometric augmentations (default). ``False`` keeps only the
             crop and flip (for visualisation and tests of the geometry).
+        view1_aug, view2_aug: the photometric changes of view 1 and view 2 (:data:`AUGMENTATIONS`).
+        student_augs: asymmetric views (``train.py --student-augment``): each view is also returned
+            with these photometric changes, drawn independently, on the SAME crop and flip, for the
+            student; the teacher (clustering, targets) sees ``view1/view2``. None: one set of views.
     """
 
     def __init__(
@@ -272,6 +295,7 @@ class TwoViewTransform:
         photometric: bool = True,
         view1_aug: ViewAugmentation = VIEW1_AUG,
         view2_aug: ViewAugmentation = VIEW2_AUG,
+        student_augs: tuple[ViewAugmentation, ViewAugmentation] | None = None,
     ) -> None:
         if img_size <= 0 or patch_size <= 0 or img_size % patch_size:
             raise ValueError(
@@ -284,6 +308,7 @@ class TwoViewTransform:
         self.scale = (float(scale[0]), float(scale[1]))
         self.photometric = photometric
         self.view_augs = (view1_aug, view2_aug)
+        self.student_augs = student_augs
 
     @property
     def num_patches(self) -> int:
@@ -296,18 +321,24 @@ class TwoViewTransform:
         if img.mode != "RGB":
             img = img.convert("RGB")
         width, height = img.size
-        views, coords, params = [], [], []
-        for aug in self.view_augs:
+        views, coords, params, s_views, s_params = [], [], [], [], []
+        for k, aug in enumerate(self.view_augs):
             p = draw_view_params(height, width, self.scale, aug, generator)
-            view = apply_geometry(img, p.box, p.flip, self.img_size)
-            if self.photometric:
-                view = apply_photometric(view, p)
-            views.append(to_normalized_tensor(view))
+            geo = apply_geometry(img, p.box, p.flip, self.img_size)
+            views.append(to_normalized_tensor(apply_photometric(geo, p) if self.photometric else geo))
             coords.append(patch_centres(p.box, p.flip, self.img_size, self.patch_size))
             params.append(p)
+            if self.student_augs is not None:
+                # The student's photometric draw; its crop and flip are replaced by the teacher's.
+                ps = dataclasses.replace(draw_view_params(height, width, self.scale, self.student_augs[k], generator),
+                                         box=p.box, flip=p.flip)
+                s_views.append(to_normalized_tensor(apply_photometric(geo, ps) if self.photometric else geo))
+                s_params.append(ps)
+        student = dict(student_view1=s_views[0], student_view2=s_views[1],
+                       student_params1=s_params[0], student_params2=s_params[1]) if s_views else {}
         return TwoViews(
             view1=views[0], view2=views[1], coords1=coords[0], coords2=coords[1],
-            params1=params[0], params2=params[1], image_size=(width, height),
+            params1=params[0], params2=params[1], image_size=(width, height), **student,
         )
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -316,5 +347,6 @@ class TwoViewTransform:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, "
-            f"patch_size={self.patch_size}, photometric={self.photometric})"
+            f"patch_size={self.patch_size}, photometric={self.photometric}, "
+            f"asymmetric={self.student_augs is not None})"
         )
