@@ -12,6 +12,11 @@ queries: the first ``--queries`` of seed 2 (the held-out splits' seeds). Every l
 (majority label, void ignored) of the support scenes is a support patch (ratio 1/1, all patches).
 The linear probe: a softmax regression on standardised tokens, full-batch Adam (lr 1e-2, weight decay
 1e-4, 300 steps, seed 0). Output: a markdown table, one row per backbone and depth.
+
+``--grey`` shows every scene (support and queries) in grey (ITU-R 601 luma on all three channels):
+what the tokens hold about the class without colour, i.e. from texture and shape alone (a network
+made colour-invariant can lose on the coloured probe while gaining here). ``--final-only`` probes
+the contract's ``x_norm_patchtokens`` only.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from cribo.backbones import Backbone, load_backbone
 from cribo.pixels import normalise
@@ -31,11 +37,18 @@ from index.transfer import knn_vote
 K = 50  # the protocol's neighbours
 
 
-def scenes(seed: int, n: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """The first ``n`` scenes of ``seed``: images (H, W, 3) uint8 and patch labels (n*h*w,), -1 = void."""
+def grey(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> the same shape, each channel the ITU-R 601 luma (PIL's ``convert("L")``)."""
+    luma = np.asarray(Image.fromarray(image).convert("L"))
+    return np.repeat(luma[..., None], 3, axis=-1)
+
+
+def scenes(seed: int, n: int, *, grey_scenes: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+    """The first ``n`` scenes of ``seed``: images (H, W, 3) uint8 (grey with ``grey_scenes``) and patch
+    labels (n*h*w,), -1 = void."""
     pairs = [generate_scene(image_seed(seed, i)) for i in range(n)]
     labels = [patch_labels(m, 16, len(CLASS_NAMES)) for _, m in pairs]
-    return [im for im, _ in pairs], np.concatenate(labels)
+    return [grey(im) if grey_scenes else im for im, _ in pairs], np.concatenate(labels)
 
 
 def tokens_by_depth(backbone: Backbone, images: list[np.ndarray], batch: int = 25) -> dict[str, torch.Tensor]:
@@ -95,19 +108,24 @@ def main() -> None:
     ap.add_argument("--random", action="append", default=[], metavar="ARCH", help="an arch at random init (seed 0)")
     ap.add_argument("--support", type=int, default=150, help="support scenes (seed 1)")
     ap.add_argument("--queries", type=int, default=100, help="query scenes (seed 2)")
+    ap.add_argument("--grey", action="store_true", help="every scene in grey: the class from texture and shape alone")
+    ap.add_argument("--final-only", action="store_true", help="probe x_norm_patchtokens only, not every block")
     args = ap.parse_args()
     rows = [(f"{a}, random init", lambda a=a: load_backbone(a, random_init=True, seed=0)) for a in args.random]
     rows += [(name, lambda p=path: load_backbone(weights=p)) for name, _, path in (w.partition("=") for w in args.weights)]
-    (s_img, s_lab), (q_img, q_lab) = scenes(1, args.support), scenes(2, args.queries)
+    (s_img, s_lab), (q_img, q_lab) = (scenes(1, args.support, grey_scenes=args.grey),
+                                      scenes(2, args.queries, grey_scenes=args.grey))
     s_keep, q_keep = s_lab >= 0, q_lab >= 0
     majority = float((q_lab[q_keep] == np.bincount(s_lab[s_keep]).argmax()).mean())
     print(f"{s_keep.sum()} support patches, {q_keep.sum()} query patches; "
           f"the most frequent support class alone scores {majority:.3f}\n")
+    print(f"scenes: {'grey (texture and shape only)' if args.grey else 'in colour'}\n")
     print("| backbone | depth | k-NN accuracy | linear-probe accuracy |\n|---|---|---|---|")
     for name, load in rows:
         backbone = load()
         s_tok, q_tok = tokens_by_depth(backbone, s_img), tokens_by_depth(backbone, q_img)
-        for depth in sorted(s_tok, key=lambda d: (d == "final", int(d.split()[-1]) if d != "final" else 0)):
+        depths = ["final"] if args.final_only else sorted(s_tok, key=lambda d: (d == "final", int(d.split()[-1]) if d != "final" else 0))
+        for depth in depths:
             s, q = s_tok[depth][torch.from_numpy(s_keep)], q_tok[depth][torch.from_numpy(q_keep)]
             knn = knn_accuracy(s, s_lab[s_keep], q, q_lab[q_keep])
             lin = linear_accuracy(s, s_lab[s_keep], q, q_lab[q_keep])

@@ -7,6 +7,7 @@ changes nothing in the run (bitwise), and that the eval rows survive a resume an
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -172,6 +173,16 @@ def test_colour_views_disagree_in_hue_over_the_whole_wheel():
     assert all(v.jitter for v in views) and not any(v.solarize for v in views)
     assert hues.min() >= -0.5 and hues.max() <= 0.5 and (np.abs(hues) > 0.25).mean() > 0.4
     assert 0.1 < np.mean([v.grayscale for v in views]) < 0.3
+
+
+def test_grey_views_are_mild_views_grey_half_of_the_time():
+    from cribo.pretrain.transforms import draw_view_params
+    grey, mild = AUGMENTATIONS["grey"], AUGMENTATIONS["mild"]
+    for g_aug, m_aug in zip(grey, mild):
+        assert dataclasses.replace(g_aug, grayscale_p=m_aug.grayscale_p) == m_aug and g_aug.grayscale_p == 0.5
+    g = torch.Generator().manual_seed(0)
+    views = [draw_view_params(256, 256, (0.25, 0.6), grey[0], generator=g) for _ in range(400)]
+    assert 0.42 < np.mean([v.grayscale for v in views]) < 0.58
 
 
 # ---------------------------------------------------------------------------------- the engine
