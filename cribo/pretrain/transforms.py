@@ -78,8 +78,8 @@ VIEW2_AUG = ViewAugmentation(blur_p=0.1, solarize_p=0.2)
 #: object disagree in colour, so matching them across views needs texture and shape. (The generated
 #: scenes' classes share colour families, so colour is a weak class cue there, and the cheapest one
 #: for the object losses to match.) "grey": "mild" with grayscale on half of the views (p = 0.5 each):
-#: a quarter of the pairs match a grey view to a coloured one, a quarter two grey views, so colour
-#: alone answers only half of the time while no view's colours are changed.
+#: half of the pairs match a grey view to a coloured one and a quarter two grey views, so colour
+#: alone answers for only a quarter of the pairs, while no view's colours are changed.
 _MILD = dict(hue=0.02, grayscale_p=0.05, solarize_p=0.0, blur_sigma=(0.1, 0.6))
 _COLOUR = dict(jitter_p=1.0, hue=0.5, saturation=0.4, grayscale_p=0.2, solarize_p=0.0, blur_sigma=(0.1, 0.6))
 AUGMENTATIONS: dict[str, tuple[ViewAugmentation, ViewAugmentation]] = {
