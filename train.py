@@ -68,6 +68,11 @@ def build_train_parser() -> CliParser:
                           "(e.g. --augment mild --student-augment colour: the teacher clusters and targets views "
                           "of the true colours, the student must predict them from hue-shifted ones) "
                           "(default: the teacher's views)")
+    net.add_argument("--rotate", type=float, metavar="DEG",
+                     help="turn each view's crop window about its centre by an angle drawn in +-DEG degrees, the "
+                          "pixels beyond the border mirrored; not in the paper: for data whose objects appear at any "
+                          "orientation, so that matching an object's two views rewards orientation-free features "
+                          + _default("rotate"))
 
     cr = p.add_argument_group("CrIBo")
     cr.add_argument("-K", "--num-clusters", type=int, help=_default("num_clusters"))

@@ -164,6 +164,13 @@ def test_a_run_with_student_views_trains_and_names_them_in_its_config(tmp_path):
     assert cfg["config"]["student_augment"] == "colour"
 
 
+def test_a_run_with_turned_views_trains_and_names_them_in_its_config(tmp_path):
+    summary = train(tiny_config(tmp_path, augment="mild", rotate=180.0, max_steps=2, log_every=1))
+    assert summary["step"] == 2
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["config"]["rotate"] == 180.0
+
+
 def test_last_layers_frozen_during_the_first_steps():
     torch.manual_seed(0)
     trainer = CrIBoTrainer(resolved(freeze_last_layer_steps=1), torch.device("cpu"))
@@ -265,6 +272,11 @@ def test_a_field_added_later_leaves_older_identities_alone():
     assert asym.identity() != base.identity() and asym.identity_diff(old) == ["student_augment"]
     with pytest.raises(ValueError, match="student_augment='nope'.*choose one of"):
         dataclasses.replace(base, student_augment="nope")
+    old = {k: v for k, v in base.to_dict().items() if k != "rotate"}
+    assert TrainConfig.from_dict(old).identity() == base.identity() and base.identity_diff(old) == []
+    assert dataclasses.replace(base, rotate=90.0).identity_diff(old) == ["rotate"]
+    with pytest.raises(ValueError, match="rotate=-5.0.*in \\[0, 180\\]"):
+        dataclasses.replace(base, rotate=-5.0)
 
 
 def test_config_errors_name_the_argument():

@@ -1,6 +1,8 @@
 """Two views with analytic patch coordinates (cribo.pretrain.transforms)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +85,43 @@ def test_coordinates_match_the_pixels_the_view_actually_shows():
             tol = 0.5 * max(w / 64, h / 64, 1.0) + 0.3  # nearest-source-pixel + uint8 rounding error
             assert (measured - coords).abs().max() <= tol, (seed, params)
     assert flips == {True, False}
+
+
+def test_patch_centres_of_a_window_turned_a_quarter():
+    # The 32x32 crop at the origin, turned 90 degrees about its centre (16, 16): the view's top-left
+    # patch, offset (-8, -8) from the centre, shows the point at offset (8, -8): (24, 8).
+    c = patch_centres((0, 0, 32, 32), flip=False, img_size=32, patch_size=16, angle=90.0)
+    assert torch.allclose(c, torch.tensor([[24.0, 8.0], [24.0, 24.0], [8.0, 8.0], [8.0, 24.0]]), atol=1e-5)
+    # angle 0 through the turned-window formula gives the axis-aligned crop's centres.
+    ref = patch_centres((10, 20, 100, 200), flip=True, img_size=32, patch_size=16)
+    assert torch.allclose(patch_centres((10, 20, 100, 200), True, 32, 16, angle=1e-9), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("box, flip, angle", [((60, 90, 60, 60), False, 90.0),    # upscaled
+                                              ((50, 70, 80, 100), True, 37.0),    # downscaled, flipped
+                                              ((40, 60, 100, 120), False, -150.0)])
+def test_turned_views_show_the_pixels_their_coordinates_name(box, flip, angle):
+    """--rotate: on an image whose pixels encode their own (x, y), each patch of a turned view (inside
+    the image) averages to its analytic centre, whether the window is enlarged or shrunk (prefiltered)."""
+    img = _coordinate_image(240, 180)
+    view = apply_geometry(img, box, flip, 64, angle)
+    coords = patch_centres(box, flip, 64, 16, angle)
+    rgb = torch.from_numpy(np.asarray(view, dtype=np.float32)).permute(2, 0, 1)  # R = column, G = row
+    patches = rgb[:2].reshape(2, 4, 16, 4, 16).mean(dim=(2, 4))
+    measured = patches.permute(1, 2, 0).reshape(16, 2) + 0.5  # pixel index -> pixel centre
+    assert (measured - coords).abs().max() <= 0.6, (measured - coords).abs().max()
+
+
+def test_rotate_draws_a_turn_per_view_and_nothing_else_changes():
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    plain = TwoViewTransform(img_size=32, patch_size=16).sample(img, generator=torch.Generator().manual_seed(5))
+    turned = TwoViewTransform(img_size=32, patch_size=16, rotate=180).sample(img, generator=torch.Generator().manual_seed(5))
+    assert plain.params1.angle == plain.params2.angle == 0.0
+    assert turned.params1 == dataclasses.replace(plain.params1, angle=turned.params1.angle)  # drawn after the rest
+    assert 0 < abs(turned.params1.angle) <= 180 and turned.params2.angle != turned.params1.angle
+    assert not torch.equal(turned.coords1, plain.coords1)
+    with pytest.raises(ValueError, match=r"rotate=200.0 must be an angle in degrees in \[0, 180\]"):
+        TwoViewTransform(img_size=32, patch_size=16, rotate=200.0)
 
 
 def test_output_shapes_dtypes_and_normalisation():

@@ -33,7 +33,7 @@ NON_IDENTITY_FIELDS = frozenset({"stop_at", "log_every", "ckpt_every", "num_work
 
 #: Fields added after runs existed: left out of the identity while at these defaults, so a run
 #: started before the field existed resumes with the code that has it.
-IDENTITY_OMITTED_DEFAULTS = {"student_augment": None}
+IDENTITY_OMITTED_DEFAULTS = {"student_augment": None, "rotate": 0.0}
 
 #: The fields that shape the networks and loss centres: ``--init-from`` needs them equal in both runs.
 INIT_COMPATIBLE_FIELDS = ("arch", "img_size", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "norm_last_layer")
@@ -87,6 +87,7 @@ class TrainConfig:
     # AUGMENTATIONS name); the teacher (clustering, targets, bank) sees ``augment``'s. None: CrIBo's
     # one set of views for both.
     student_augment: str | None = None
+    rotate: float = 0.0                 # views' crop windows turned by U(-rotate, rotate) degrees (0: CrIBo's)
     # --- optimisation (DINO) ---------------------------------------------------------------------
     lr: float = 5e-4                    # base lr, scaled by global_batch / 256
     min_lr: float = 1e-5
@@ -159,6 +160,8 @@ class TrainConfig:
             raise bad("augment", f"choose one of {', '.join(AUGMENTATIONS)}")
         if self.student_augment is not None and self.student_augment not in AUGMENTATIONS:
             raise bad("student_augment", f"choose one of {', '.join(AUGMENTATIONS)}")
+        if not 0.0 <= self.rotate <= 180.0:
+            raise bad("rotate", "need an angle in degrees in [0, 180] (--rotate)")
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise bad("crop_scale", "need 0 < MIN <= MAX <= 1 (fractions of the image area)")
         if self.bank_dtype not in BANK_DTYPES:
@@ -236,10 +239,12 @@ class TrainConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def identity_diff(self, other: dict[str, Any]) -> list[str]:
-        """Names of the identity fields whose values differ from ``other`` (a stored ``to_dict()``)."""
+        """Names of the identity fields whose values differ from ``other`` (a stored ``to_dict()``; a
+        field it lacks has its :data:`IDENTITY_OMITTED_DEFAULTS` value, if it has one)."""
         mine = self.to_dict()
         return sorted(k for k in set(mine) | set(other)
-                      if k not in NON_IDENTITY_FIELDS and k != "preset" and mine.get(k) != other.get(k))
+                      if k not in NON_IDENTITY_FIELDS and k != "preset"
+                      and mine.get(k) != other.get(k, IDENTITY_OMITTED_DEFAULTS.get(k)))
 
 
 # ---------------------------------------------------------------------------------------------------

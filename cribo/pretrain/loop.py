@@ -119,7 +119,8 @@ def build_dataset(config: TrainConfig, patch_size: int) -> Dataset:
     view1_aug, view2_aug = AUGMENTATIONS[config.augment]
     student_augs = AUGMENTATIONS[config.student_augment] if config.student_augment is not None else None
     transform = TwoViewTransform(config.img_size, scale=tuple(config.crop_scale), patch_size=patch_size,
-                                 view1_aug=view1_aug, view2_aug=view2_aug, student_augs=student_augs)
+                                 view1_aug=view1_aug, view2_aug=view2_aug, student_augs=student_augs,
+                                 rotate=config.rotate)
     return build_pretraining_dataset(config.data, transform, split=config.data_split,
                                      skip_corrupt=config.skip_corrupt)
 

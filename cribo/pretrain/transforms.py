@@ -22,6 +22,14 @@ colour`` the teacher clusters and describes views in their true colours, so the 
 still match by colour, while the student must predict those targets from hue-shifted views: colour
 alone no longer answers, and texture and shape must.
 
+Rotated views (``rotate``, ``train.py --rotate DEG``; not in the paper): each view's crop window is
+also turned about its centre by an angle drawn uniformly in +-DEG, for data whose objects appear at
+any orientation (the generated scenes' things do), so that matching two views of an object rewards
+features that do not change with its orientation. Pixels the turned window takes from outside the
+image are the image mirrored at its border. The patch coordinates follow the turn
+(:func:`patch_centres`), so the positional cue of the clustering stays exact. With ``rotate=0`` (the
+default) no angle is drawn and the views are exactly CrIBo's.
+
 All randomness is drawn from torch: the global RNG by default (so ``DataLoader`` worker seeding makes
 a run reproducible) or an explicit ``torch.Generator`` (:meth:`TwoViewTransform.sample`, used by the
 app to show the views of a given seed). Every random parameter of a view is drawn up front, in a fixed
@@ -34,6 +42,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode
@@ -98,7 +108,8 @@ class ViewParams:
 
     ``jitter_order`` is a permutation of (brightness, contrast, saturation, hue) = (0, 1, 2, 3);
     the factors are those of ``torchvision.transforms.functional.adjust_*``. ``blur_sigma`` is
-    ``None`` when no blur is applied.
+    ``None`` when no blur is applied. ``angle``: the turn of the crop window about its centre, in
+    degrees (0: CrIBo's axis-aligned crop; drawn only when the transform has ``rotate > 0``).
     """
 
     box: CropBox
@@ -112,6 +123,7 @@ class ViewParams:
     grayscale: bool
     blur_sigma: float | None
     solarize: bool
+    angle: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -213,7 +225,7 @@ def draw_view_params(
     )
 
 
-def patch_centres(box: CropBox, flip: bool, img_size: int, patch_size: int) -> torch.Tensor:
+def patch_centres(box: CropBox, flip: bool, img_size: int, patch_size: int, angle: float = 0.0) -> torch.Tensor:
     """(x, y) centre of every patch of a resized crop, in original-image pixels: (N, 2) float32.
 
     The crop ``box = (i, j, h, w)`` (rows i..i+h, columns j..j+w of the original image, continuous
@@ -224,26 +236,66 @@ def patch_centres(box: CropBox, flip: bool, img_size: int, patch_size: int) -> t
         x = j + (p*col + p/2) * w / S          (x = j + w - (p*col + p/2) * w / S when flipped)
         y = i + (p*row + p/2) * h / S
 
-    which replaces the reference's resampled 10000 x 10000 coordinate grid.
+    which replaces the reference's resampled 10000 x 10000 coordinate grid. With ``angle`` (degrees)
+    the crop window is turned about its centre (c_x, c_y) = (j + w/2, i + h/2): every point's offset
+    (dx, dy) from the centre becomes (cos a dx - sin a dy, sin a dx + cos a dy) (see :func:`view_to_image`).
     """
     if img_size % patch_size:
         raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
-    i, j, h, w = box
     g = img_size // patch_size
     centre = torch.arange(g, dtype=torch.float64) * patch_size + patch_size / 2  # view pixels
-    xs = j + centre * (w / img_size)
-    if flip:
-        xs = j + w - centre * (w / img_size)
-    ys = i + centre * (h / img_size)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (g, g): row index first
-    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1).float()
+    if angle == 0.0:  # CrIBo's crops: the formula above, exactly
+        i, j, h, w = box
+        xs = j + w - centre * (w / img_size) if flip else j + centre * (w / img_size)
+        yy, xx = torch.meshgrid(i + centre * (h / img_size), xs, indexing="ij")  # (g, g): row index first
+        return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1).float()
+    vv, uu = torch.meshgrid(centre, centre, indexing="ij")
+    view_points = torch.stack([uu.reshape(-1), vv.reshape(-1)], dim=1)  # (N, 2) (u, v) in view pixels
+    affine = torch.from_numpy(view_to_image(box, flip, img_size, angle))  # (2, 3)
+    return (view_points @ affine[:, :2].T + affine[:, 2]).float()
 
 
-def apply_geometry(img: Image.Image, box: CropBox, flip: bool, img_size: int) -> Image.Image:
-    """Crop ``box`` from ``img``, resize it to ``img_size`` (bicubic, as DINO) and flip it if asked."""
+def view_to_image(box: CropBox, flip: bool, img_size: int, angle: float = 0.0) -> np.ndarray:
+    """The affine map (2, 3) float64 from a view's continuous pixel frame (u, v) to the original image's.
+
+    ``[x, y] = A @ [u, v] + t`` with ``[A | t]`` returned: the view point (u, v), mirrored to
+    (S - u, v) when ``flip``, is scaled to the crop's size, (du, dv) = ((u - S/2) w/S, (v - S/2) h/S)
+    from the crop's centre, turned by ``angle`` degrees, and moved to the centre (j + w/2, i + h/2).
+    """
     i, j, h, w = box
-    out = TF.resized_crop(img, i, j, h, w, [img_size, img_size], InterpolationMode.BICUBIC)
-    return TF.hflip(out) if flip else out
+    a = math.radians(angle)
+    cos, sin = math.cos(a), math.sin(a)
+    fx = -1.0 if flip else 1.0
+    lin = np.array([[cos, -sin], [sin, cos]]) @ np.diag([fx * w / img_size, h / img_size])
+    centre = np.array([j + w / 2, i + h / 2])
+    return np.concatenate([lin, (centre - lin @ [img_size / 2, img_size / 2])[:, None]], axis=1)
+
+
+def apply_geometry(img: Image.Image, box: CropBox, flip: bool, img_size: int, angle: float = 0.0) -> Image.Image:
+    """Crop ``box`` from ``img``, resize it to ``img_size`` (bicubic, as DINO) and flip it if asked.
+
+    With ``angle`` != 0 the crop window is turned about its centre (:func:`view_to_image`); the view
+    is sampled bicubically, the image mirrored beyond its border. A window larger than the view is
+    first brought to the view's scale by an antialiased (PIL bicubic) resize of the whole image, so
+    a turned view is no more aliased than an axis-aligned one.
+    """
+    i, j, h, w = box
+    if angle == 0.0:
+        out = TF.resized_crop(img, i, j, h, w, [img_size, img_size], InterpolationMode.BICUBIC)
+        return TF.hflip(out) if flip else out
+    affine = view_to_image(box, flip, img_size, angle)
+    width, height = img.size
+    shrink = max(w, h) / img_size
+    if shrink > 1.0:  # prefilter: resize the image so the window is about view-sized
+        size = (max(1, round(width / shrink)), max(1, round(height / shrink)))
+        affine = np.diag([size[0] / width, size[1] / height]) @ affine
+        img = img.resize(size, Image.BICUBIC)
+    # cv2 indexes pixel centres at integers: source index = continuous - 0.5, at view index + 0.5.
+    m = affine.copy()
+    m[:, 2] += affine[:, :2] @ [0.5, 0.5] - 0.5
+    out = cv2.warpAffine(np.asarray(img), m, (img_size, img_size), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_REFLECT_101)
+    return Image.fromarray(out)
 
 
 def apply_photometric(img: Image.Image, params: ViewParams) -> Image.Image:
@@ -288,6 +340,8 @@ class TwoViewTransform:
         student_augs: asymmetric views (``train.py --student-augment``): each view is also returned
             with these photometric changes, drawn independently, on the SAME crop and flip, for the
             student; the teacher (clustering, targets) sees ``view1/view2``. None: one set of views.
+        rotate: turn each view's crop window by an angle drawn uniformly in +-``rotate`` degrees
+            (``train.py --rotate``; 0: CrIBo's axis-aligned crops, and no angle is drawn).
     """
 
     def __init__(
@@ -300,6 +354,7 @@ class TwoViewTransform:
         view1_aug: ViewAugmentation = VIEW1_AUG,
         view2_aug: ViewAugmentation = VIEW2_AUG,
         student_augs: tuple[ViewAugmentation, ViewAugmentation] | None = None,
+        rotate: float = 0.0,
     ) -> None:
         if img_size <= 0 or patch_size <= 0 or img_size % patch_size:
             raise ValueError(
@@ -307,12 +362,15 @@ class TwoViewTransform:
             )
         if not (0.0 < scale[0] <= scale[1] <= 1.0):
             raise ValueError(f"scale={scale} must satisfy 0 < min <= max <= 1")
+        if not 0.0 <= rotate <= 180.0:
+            raise ValueError(f"rotate={rotate} must be an angle in degrees in [0, 180]")
         self.img_size = img_size
         self.patch_size = patch_size
         self.scale = (float(scale[0]), float(scale[1]))
         self.photometric = photometric
         self.view_augs = (view1_aug, view2_aug)
         self.student_augs = student_augs
+        self.rotate = float(rotate)
 
     @property
     def num_patches(self) -> int:
@@ -328,14 +386,16 @@ class TwoViewTransform:
         views, coords, params, s_views, s_params = [], [], [], [], []
         for k, aug in enumerate(self.view_augs):
             p = draw_view_params(height, width, self.scale, aug, generator)
-            geo = apply_geometry(img, p.box, p.flip, self.img_size)
+            if self.rotate > 0:
+                p = dataclasses.replace(p, angle=_uniform(-self.rotate, self.rotate, generator))
+            geo = apply_geometry(img, p.box, p.flip, self.img_size, p.angle)
             views.append(to_normalized_tensor(apply_photometric(geo, p) if self.photometric else geo))
-            coords.append(patch_centres(p.box, p.flip, self.img_size, self.patch_size))
+            coords.append(patch_centres(p.box, p.flip, self.img_size, self.patch_size, p.angle))
             params.append(p)
             if self.student_augs is not None:
-                # The student's photometric draw; its crop and flip are replaced by the teacher's.
+                # The student's photometric draw; its crop, flip and turn are replaced by the teacher's.
                 ps = dataclasses.replace(draw_view_params(height, width, self.scale, self.student_augs[k], generator),
-                                         box=p.box, flip=p.flip)
+                                         box=p.box, flip=p.flip, angle=p.angle)
                 s_views.append(to_normalized_tensor(apply_photometric(geo, ps) if self.photometric else geo))
                 s_params.append(ps)
         student = dict(student_view1=s_views[0], student_view2=s_views[1],
@@ -352,5 +412,5 @@ class TwoViewTransform:
         return (
             f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, "
             f"patch_size={self.patch_size}, photometric={self.photometric}, "
-            f"asymmetric={self.student_augs is not None})"
+            f"asymmetric={self.student_augs is not None}, rotate={self.rotate})"
         )
