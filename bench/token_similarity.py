@@ -8,7 +8,12 @@ Retrieval transfers a label when a query patch's nearest support patches (always
 its class, so "same class, other image" has to beat "other class, other image" by a margin that
 survives the nearest-neighbour tails. The script also checks whether the tokens follow each scene's
 lighting and sensor noise rather than its content: the cosine between the tokens of a scene rendered
-with its own lighting / noise and with another scene's (same content, same positions).
+with its own lighting / noise and with another scene's (same content, same positions), and how much the
+tokens depend on the content's orientation: the cosine between each patch's token and the same patch's
+token in the scene turned a quarter (``np.rot90``, exact; the token grid is turned back) or mirrored
+left-right (the views' flip, which CrIBo trains for). Tokens that stay near 1 under both while "same
+class, other image" stays far below describe the instance (its colour, its texture's scale and phase)
+rather than the class: views that only turn or mirror the image cannot teach more.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ PATCH = 16
 
 def tokens(backbone, images: list[np.ndarray]) -> torch.Tensor:
     """(N, H, W, 3) uint8-range float images -> L2-normalised patch tokens (N, P, D)."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         t = backbone.forward_features(normalise(x))["x_norm_patchtokens"]
     return torch.nn.functional.normalize(t, dim=-1)
@@ -58,7 +63,24 @@ def similarities(backbone, scenes) -> dict[str, float]:
             "other class, other image": mean(~same_class & ~same_image),
             "other class, same image": mean(~same_class & same_image),
             "same class, same image": mean(same_class & same_image),
-            "own vs another's lighting": (t * tokens(backbone, swapped)).sum(-1).mean().item()}
+            "own vs another's lighting": (t * tokens(backbone, swapped)).sum(-1).mean().item(),
+            "own vs turned 90°": (t * _turned_back(tokens(backbone, [np.rot90(im) for im in images]),
+                                               images[0].shape[0] // PATCH)).sum(-1).mean().item(),
+            "own vs mirrored": (t * _mirrored_back(tokens(backbone, [im[:, ::-1] for im in images]),
+                                                   images[0].shape[1] // PATCH)).sum(-1).mean().item()}
+
+
+def _turned_back(t: torch.Tensor, h: int) -> torch.Tensor:
+    """Tokens (N, P, D) of scenes turned a quarter anticlockwise (``np.rot90``) -> the token of each
+    patch of the unturned scene, row-major (N, P, D)."""
+    n, p, d = t.shape
+    return torch.rot90(t.reshape(n, p // h, h, d), -1, (1, 2)).reshape(n, p, d)
+
+
+def _mirrored_back(t: torch.Tensor, w: int) -> torch.Tensor:
+    """Tokens (N, P, D) of scenes mirrored left-right -> the token of each patch of the unmirrored scene."""
+    n, p, d = t.shape
+    return torch.flip(t.reshape(n, p // w, w, d), (2,)).reshape(n, p, d)
 
 
 def main() -> None:
