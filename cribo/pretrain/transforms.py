@@ -244,7 +244,7 @@ def patch_centres(box: CropBox, flip: bool, img_size: int, patch_size: int, angl
         raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
     g = img_size // patch_size
     centre = torch.arange(g, dtype=torch.float64) * patch_size + patch_size / 2  # view pixels
-    if angle == 0.0:  # CrIBo's crops: the formula above, exactly
+    if angle == 0.0:  # CrIBo's crops: the formula above, as before --rotate, so such runs stay bitwise the same
         i, j, h, w = box
         xs = j + w - centre * (w / img_size) if flip else j + centre * (w / img_size)
         yy, xx = torch.meshgrid(i + centre * (h / img_size), xs, indexing="ij")  # (g, g): row index first
