@@ -48,7 +48,8 @@ def build_train_parser() -> CliParser:
     req.add_argument("--init-from", metavar="CKPT",
                      help="start from the networks and loss centres of this train.py checkpoint (same --arch and "
                           "heads); optimiser, schedules and memory bank start afresh (a curriculum: a second "
-                          "recipe continuing a first run)")
+                          "recipe continuing a first run); or from a backbone, 'builtin' or an exported "
+                          ".safetensors (heads and centres fresh)")
     req.add_argument("--device", help=_default("device") + "; cuda under torchrun uses cuda:LOCAL_RANK")
 
     net = p.add_argument_group("network")

@@ -179,7 +179,8 @@ def test_init_from_starts_a_new_recipe_from_another_runs_networks(tmp_path, data
     out = capsys.readouterr()
     source, started = torch.load(src / "checkpoint.pth", weights_only=True), torch.load(dst / "checkpoint.pth", weights_only=True)
     assert json.loads(out.out.splitlines()[-1])["init_from"] == {"path": str(src), "identity": source["identity"],
-                                                                 "step": 2, "arch": "vit_tiny_patch16_224"}
+                                                                 "step": 2, "arch": "vit_tiny_patch16_224",
+                                                                 "kind": "networks"}
     assert f"initialised from {src} (run {source['identity']}, step 2)" in out.err
     assert_same(started["student"], source["student"], "student")
     assert main(argv(data_dir, fresh, "--augment", "mild", "--stop-at", "1")) == 0
@@ -198,6 +199,38 @@ def test_init_from_starts_a_new_recipe_from_another_runs_networks(tmp_path, data
     capsys.readouterr()
     assert main(argv(data_dir, dst, "--augment", "mild", "--init-from", str(tmp_path / "other.pth"))) == 1
     assert "differing: init_from" in capsys.readouterr().err
+
+
+def test_init_from_a_backbone_loads_both_backbones_and_leaves_the_heads_fresh(tmp_path, data_dir, capsys):
+    src, dst, fresh = tmp_path / "src", tmp_path / "dst", tmp_path / "fresh"
+    main = train_main()
+    assert main(argv(data_dir, src, "--stop-at", "2")) == 0
+    assert main(["export", "--output-dir", str(src), "--out", str(tmp_path / "b.safetensors")]) == 0
+    teacher = torch.load(src / "checkpoint.pth", weights_only=True)["teacher"]
+    capsys.readouterr()
+    # lr 0 at step 0: after one step the student still holds what it was given
+    assert main(argv(data_dir, dst, "--stop-at", "1", "--init-from", str(tmp_path / "b.safetensors"))) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out.splitlines()[-1])["init_from"]
+    assert summary["kind"] == "backbone" and summary["step"] is None and summary["arch"] == "vit_tiny_patch16_224"
+    assert "heads and loss centres fresh" in out.err
+    started = torch.load(dst / "checkpoint.pth", weights_only=True)
+    assert main(argv(data_dir, fresh, "--stop-at", "1")) == 0
+    random_init = torch.load(fresh / "checkpoint.pth", weights_only=True)
+    for net in ("student", "teacher"):  # the teacher after one EMA update of equal weights: to rounding
+        backbone = {k: v for k, v in started[net].items() if k.startswith("backbone.")}
+        assert backbone and all(torch.allclose(v, teacher[k], rtol=1e-6, atol=1e-7) for k, v in backbone.items()), net
+        # the heads are those of a fresh run with the same seed, not the source's
+        heads = [k for k in started[net] if k.startswith("head.")]
+        assert all(torch.equal(started[net][k], random_init[net][k]) for k in heads), net
+        assert not all(torch.equal(started[net][k], teacher[k]) for k in heads), net
+
+    # another architecture is refused by name, before any step
+    capsys.readouterr()
+    assert main(argv(data_dir, tmp_path / "other", "--init-from", "builtin")) == 1
+    err = capsys.readouterr().err
+    assert ("--init-from builtin: a vit_mini_convstem_patch16 backbone, this run trains vit_tiny_patch16_224; "
+            "pass --arch vit_mini_convstem_patch16") in err, err
 
 
 def test_init_from_refuses_networks_of_another_shape(tmp_path, data_dir, capsys):

@@ -112,7 +112,8 @@ class TrainConfig:
     # AVX-512-BF16/AMX CPUs), else fp32 (bf16 autocast is several times slower on AVX2-only CPUs).
     precision: str = "auto"
     # Start from the networks (student, teacher, heads) and loss centres of another run's checkpoint
-    # (a train.py checkpoint.pth of the same architecture and heads); optimiser, schedules, memory
+    # (a train.py checkpoint.pth of the same architecture and heads), or from a backbone ("builtin" or
+    # an exported .safetensors: heads and centres fresh); optimiser, schedules, memory
     # bank and step start afresh. Read only when the run starts at step 0; a resume ignores it.
     init_from: str | None = None
     # --- run management (not part of the identity) -----------------------------------------------

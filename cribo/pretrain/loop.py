@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from cribo import dist
-from cribo.backbones import Backbone, create_vit, export_backbone, registered_arch
+from cribo.backbones import Backbone, BackboneLoadError, create_vit, export_backbone, load_backbone, registered_arch
 from cribo.dirswap import TargetError, check_writable
 from cribo.io import atomic_path, write_json
 from cribo.jsonl import JsonlError, read_jsonl
@@ -233,10 +233,15 @@ def _resume(trainer: CrIBoTrainer, ckpt_path: Path, identity: str, rank: int, wo
 
 
 def _init_from(trainer: CrIBoTrainer, path: str, is_main: bool) -> dict[str, Any]:
-    """Load the networks and loss centres of the checkpoint at ``path`` into ``trainer`` (``--init-from``;
-    a run directory means its checkpoint.pth, or the predecessor if that is damaged).
+    """Load the networks of ``path`` into ``trainer`` (``--init-from``) and say where they came from:
+    {path, identity, step, arch, kind}.
 
-    Returns where they came from: {path, identity, step, arch}."""
+    ``path`` is a train.py checkpoint (a run directory means its checkpoint.pth, or the predecessor if
+    that is damaged): student, teacher, heads and loss centres, kind "networks"; or a backbone
+    (``builtin``, an exported ``.safetensors``): student and teacher backbones, the heads and centres
+    fresh, kind "backbone" (step None: an export does not record it)."""
+    if path == "builtin" or (Path(path).is_file() and Path(path).suffix == ".safetensors"):
+        return _init_backbone(trainer, path, is_main)
     state = load_latest(Path(path) / CHECKPOINT_NAME)[0] if Path(path).is_dir() else load_checkpoint(path)
     theirs, mine = state["config"], trainer.config
     differ = [f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {getattr(mine, k)!r} here"
@@ -245,9 +250,30 @@ def _init_from(trainer: CrIBoTrainer, path: str, is_main: bool) -> dict[str, Any
         raise CheckpointError(f"--init-from {path}: its networks do not fit this run ({'; '.join(differ)}); "
                               "pass the same network options as the run that wrote it")
     trainer.load_networks(state)
-    origin = {"path": str(path), "identity": state["identity"], "step": int(state["step"]), "arch": theirs.get("arch")}
+    origin = {"path": str(path), "identity": state["identity"], "step": int(state["step"]), "arch": theirs.get("arch"),
+              "kind": "networks"}
     if is_main:
         print(f"initialised from {path} (run {origin['identity']}, step {origin['step']})", file=sys.stderr)
+    return origin
+
+
+def _init_backbone(trainer: CrIBoTrainer, path: str, is_main: bool) -> dict[str, Any]:
+    """``--init-from`` a backbone: its weights into the student's and the teacher's backbones (strict)."""
+    try:
+        backbone = load_backbone("builtin") if path == "builtin" else load_backbone(weights=path)
+    except BackboneLoadError as err:
+        raise CheckpointError(f"--init-from {path}: {err}") from err
+    arch = trainer.config.arch
+    if backbone.arch != arch:
+        raise CheckpointError(f"--init-from {path}: a {backbone.arch} backbone, this run trains {arch}; "
+                              f"pass --arch {backbone.arch}")
+    weights = backbone.vit.state_dict()
+    trainer.student.backbone.load_state_dict(weights)
+    trainer.teacher.backbone.load_state_dict(weights)
+    origin = {"path": str(path), "identity": backbone.identity, "step": None, "arch": arch, "kind": "backbone"}
+    if is_main:
+        print(f"initialised the backbones from {path} ({backbone.identity[:12]}); heads and loss centres fresh",
+              file=sys.stderr)
     return origin
 
 
