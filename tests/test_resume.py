@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -224,6 +225,14 @@ def test_init_from_a_backbone_loads_both_backbones_and_leaves_the_heads_fresh(tm
         heads = [k for k in started[net] if k.startswith("head.")]
         assert all(torch.equal(started[net][k], random_init[net][k]) for k in heads), net
         assert not all(torch.equal(started[net][k], teacher[k]) for k in heads), net
+
+    # a plain safetensors state dict (no .json sidecar) is read as this run's arch
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({k.removeprefix("backbone."): v.contiguous() for k, v in teacher.items()
+                                 if k.startswith("backbone.")}, plain)
+    assert main(argv(data_dir, tmp_path / "plain", "--stop-at", "1", "--init-from", str(plain))) == 0
+    student = torch.load(tmp_path / "plain" / "checkpoint.pth", weights_only=True)["student"]
+    assert torch.equal(student["backbone.pos_embed"], teacher["backbone.pos_embed"])
 
     # another architecture is refused by name, before any step
     capsys.readouterr()
