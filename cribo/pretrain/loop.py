@@ -259,14 +259,14 @@ def _init_from(trainer: CrIBoTrainer, path: str, is_main: bool) -> dict[str, Any
 
 def _init_backbone(trainer: CrIBoTrainer, path: str, is_main: bool) -> dict[str, Any]:
     """``--init-from`` a backbone: its weights into the student's and the teacher's backbones (strict)."""
+    arch = trainer.config.arch
     try:
-        # an export names its arch in its .json sidecar; a plain state dict is read as this run's arch
-        plain = path != "builtin" and not Path(path).with_suffix(".json").exists()
-        backbone = load_backbone(trainer.config.arch if plain else path if path == "builtin" else None,
-                                 weights=None if path == "builtin" else path)
+        if path == "builtin":
+            backbone = load_backbone("builtin")
+        else:  # an export names its arch in its .json sidecar; a plain state dict is read as this run's
+            backbone = load_backbone(None if Path(path).with_suffix(".json").is_file() else arch, weights=path)
     except BackboneLoadError as err:
         raise CheckpointError(f"--init-from {path}: {err}") from err
-    arch = trainer.config.arch
     if backbone.arch != arch:
         raise CheckpointError(f"--init-from {path}: a {backbone.arch} backbone, this run trains {arch}; "
                               f"pass --arch {backbone.arch}")
