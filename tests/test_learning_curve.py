@@ -185,6 +185,49 @@ def test_grey_views_are_mild_views_grey_half_of_the_time():
     assert 0.42 < np.mean([v.grayscale for v in views]) < 0.58
 
 
+def test_recolour_views_are_mild_views_repainted_half_of_the_time():
+    from cribo.pretrain.transforms import draw_view_params
+    recolour, mild = AUGMENTATIONS["recolour"], AUGMENTATIONS["mild"]
+    for r_aug, m_aug in zip(recolour, mild):
+        assert dataclasses.replace(r_aug, recolour_p=0.0) == m_aug and r_aug.recolour_p == 0.5
+    g = torch.Generator().manual_seed(0)
+    views = [draw_view_params(256, 256, (0.25, 0.6), recolour[0], generator=g) for _ in range(400)]
+    drawn = [v.recolour for v in views if v.recolour is not None]
+    assert 0.42 < len(drawn) / len(views) < 0.58
+    assert 0.4 < np.mean([r.invert for r in drawn]) < 0.6
+    assert all(0.5 <= r.gamma <= 2.0 and max(r.dark) < 128 <= min(r.light) for r in drawn)
+
+
+def test_views_without_recolouring_draw_exactly_as_before():
+    """Augmentations with recolour_p = 0 take no extra draws, so the existing runs' views are unchanged:
+    the values below were drawn by the code before "recolour" existed (commit 61150ac)."""
+    from cribo.pretrain.transforms import draw_view_params
+    g = torch.Generator().manual_seed(3)
+    for aug in AUGMENTATIONS["mild"] + AUGMENTATIONS["dino"]:
+        view = draw_view_params(256, 256, (0.25, 0.6), aug, generator=g)
+        assert view.recolour is None
+    assert view.box == (37, 2, 156, 149) and view.hue == pytest.approx(-0.04432373121380806, abs=1e-12)
+    assert torch.rand(1, generator=g).item() == pytest.approx(0.7664756178855896, abs=1e-12)
+
+
+def test_recolour_keeps_the_pattern_and_replaces_colours_and_polarity():
+    """A two-tone pattern (dark stripes on a light ground) comes out as the pair's two colours, in the
+    pattern's places, inverted where drawn; gamma bends mid-greys only."""
+    from PIL import Image
+    from cribo.pretrain.transforms import Recolour
+    pattern = np.zeros((8, 8, 3), np.uint8)
+    pattern[:, ::2] = 255  # luma 1 on even columns, 0 on odd ones
+    img = Image.fromarray(pattern)
+    dark, light = (10.0, 20.0, 30.0), (200.0, 150.0, 250.0)
+    out = np.asarray(Recolour(False, 1.7, dark, light).apply(img))
+    assert (out[:, ::2] == light).all() and (out[:, 1::2] == dark).all()
+    inv = np.asarray(Recolour(True, 0.6, dark, light).apply(img))
+    assert (inv[:, ::2] == dark).all() and (inv[:, 1::2] == light).all()
+    grey = Image.fromarray(np.full((2, 2, 3), 128, np.uint8))  # luma 128/255
+    mid = np.asarray(Recolour(False, 2.0, (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)).apply(grey))
+    assert (mid == round(255 * (128 / 255) ** 2)).all()
+
+
 # ---------------------------------------------------------------------------------- the engine
 def test_eval_every_logs_a_curve_without_changing_the_run(tmp_path):
     eval_root = write_patch_dataset(tmp_path / "eval", {"support": 16, "val": 3})

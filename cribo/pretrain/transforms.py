@@ -69,6 +69,7 @@ class ViewAugmentation:
     blur_p: float = 1.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
+    recolour_p: float = 0.0
 
 
 #: DINO's first and second global views.
@@ -90,6 +91,12 @@ VIEW2_AUG = ViewAugmentation(blur_p=0.1, solarize_p=0.2)
 #: for the object losses to match.) "grey": "mild" with grayscale on half of the views (p = 0.5 each):
 #: half of the pairs match a grey view to a coloured one and a quarter two grey views, so colour
 #: alone answers for only a quarter of the pairs, while no view's colours are changed.
+#: "recolour": "mild", and with p = 0.5 each view is first repainted (:class:`Recolour`): its luma is
+#: inverted with p 0.5, bent by a random gamma and mapped onto a random dark-to-light colour pair.
+#: The generated scenes paint every instance as ``c2 + (c1 - c2) t`` with a random colour pair, which
+#: may be darker or lighter than the other: the class is the pattern ``t``, up to an affine map of
+#: either sign. Repainting keeps the pattern and takes away the instance's colours and polarity, the
+#: cues that "grey" leaves in (lightness) and that let the objects of two views match without texture.
 _MILD = dict(hue=0.02, grayscale_p=0.05, solarize_p=0.0, blur_sigma=(0.1, 0.6))
 _COLOUR = dict(jitter_p=1.0, hue=0.5, saturation=0.4, grayscale_p=0.2, solarize_p=0.0, blur_sigma=(0.1, 0.6))
 AUGMENTATIONS: dict[str, tuple[ViewAugmentation, ViewAugmentation]] = {
@@ -99,7 +106,40 @@ AUGMENTATIONS: dict[str, tuple[ViewAugmentation, ViewAugmentation]] = {
     "colour": (ViewAugmentation(blur_p=0.5, **_COLOUR), ViewAugmentation(blur_p=0.0, **_COLOUR)),
     "grey": (ViewAugmentation(blur_p=0.5, **{**_MILD, "grayscale_p": 0.5}),
              ViewAugmentation(blur_p=0.0, **{**_MILD, "grayscale_p": 0.5})),
+    "recolour": (ViewAugmentation(blur_p=0.5, recolour_p=0.5, **_MILD),
+                 ViewAugmentation(blur_p=0.0, recolour_p=0.5, **_MILD)),
 }
+
+#: Ranges of a repainting (:class:`Recolour`): gamma log-uniform in [1/GAMMA, GAMMA]; the dark end's
+#: channels uniform in [0, 128), the light end's in [128, 256), so the pair always has contrast.
+RECOLOUR_GAMMA = 2.0
+
+
+@dataclass(frozen=True)
+class Recolour:
+    """One view's repainting: ``luma`` (ITU-R 601, in [0, 1]) -> ``1 - luma`` if ``invert`` ->
+    ``** gamma`` -> ``dark + (light - dark) * value``, per pixel (``dark``, ``light``: RGB in [0, 255])."""
+
+    invert: bool
+    gamma: float
+    dark: tuple[float, float, float]
+    light: tuple[float, float, float]
+
+    def apply(self, img: Image.Image) -> Image.Image:
+        luma = np.asarray(img.convert("L"), dtype=np.float32) / 255.0  # (H, W)
+        value = (1.0 - luma if self.invert else luma) ** self.gamma
+        dark, light = np.asarray(self.dark, np.float32), np.asarray(self.light, np.float32)
+        rgb = dark + (light - dark) * value[..., None]  # (H, W, 3)
+        return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+
+
+def draw_recolour(generator: torch.Generator | None = None) -> Recolour:
+    """Draw a :class:`Recolour`: inversion p 0.5, gamma, then the dark and the light colour."""
+    invert = _bernoulli(0.5, generator)
+    gamma = math.exp(_uniform(-math.log(RECOLOUR_GAMMA), math.log(RECOLOUR_GAMMA), generator))
+    dark = tuple(_uniform(0.0, 128.0, generator) for _ in range(3))
+    light = tuple(_uniform(128.0, 256.0, generator) for _ in range(3))
+    return Recolour(invert, gamma, dark, light)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -110,6 +150,8 @@ class ViewParams:
     the factors are those of ``torchvision.transforms.functional.adjust_*``. ``blur_sigma`` is
     ``None`` when no blur is applied. ``angle``: the turn of the crop window about its centre, in
     degrees (0: CrIBo's axis-aligned crop; drawn only when the transform has ``rotate > 0``).
+    ``recolour``: the view's repainting, applied before the jitter, or None (drawn only when the
+    augmentation has ``recolour_p > 0``, so the other augmentations' draws are unchanged).
     """
 
     box: CropBox
@@ -124,6 +166,7 @@ class ViewParams:
     blur_sigma: float | None
     solarize: bool
     angle: float = 0.0
+    recolour: Recolour | None = None
 
 
 @dataclass(frozen=True)
@@ -205,7 +248,8 @@ def draw_view_params(
     aug: ViewAugmentation,
     generator: torch.Generator | None = None,
 ) -> ViewParams:
-    """Draw every random decision of one view, in a fixed order (crop, flip, jitter, gray, blur, solarize)."""
+    """Draw every random decision of one view, in a fixed order (crop, flip, jitter, gray, blur, solarize,
+    then the repainting where ``aug.recolour_p > 0``)."""
     box = random_resized_crop_params(height, width, scale, generator=generator)
     flip = _bernoulli(0.5, generator)
     jitter = _bernoulli(aug.jitter_p, generator)
@@ -218,10 +262,15 @@ def draw_view_params(
     blur = _bernoulli(aug.blur_p, generator)
     sigma = _uniform(aug.blur_sigma[0], aug.blur_sigma[1], generator)
     solarize = _bernoulli(aug.solarize_p, generator)
+    recolour = None
+    if aug.recolour_p > 0:
+        recolour_drawn = _bernoulli(aug.recolour_p, generator)
+        repaint = draw_recolour(generator)  # drawn whatever the coin says: a fixed layout of draws
+        recolour = repaint if recolour_drawn else None
     return ViewParams(
         box=box, flip=flip, jitter=jitter, jitter_order=order,  # type: ignore[arg-type]
         brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
-        grayscale=grayscale, blur_sigma=sigma if blur else None, solarize=solarize,
+        grayscale=grayscale, blur_sigma=sigma if blur else None, solarize=solarize, recolour=recolour,
     )
 
 
@@ -299,7 +348,10 @@ def apply_geometry(img: Image.Image, box: CropBox, flip: bool, img_size: int, an
 
 
 def apply_photometric(img: Image.Image, params: ViewParams) -> Image.Image:
-    """Colour jitter (random order), grayscale, gaussian blur, solarize: DINO's order."""
+    """Repainting (where drawn), then colour jitter (random order), grayscale, gaussian blur, solarize:
+    DINO's order."""
+    if params.recolour is not None:
+        img = params.recolour.apply(img)
     if params.jitter:
         for fn_id in params.jitter_order:
             if fn_id == 0:
