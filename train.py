@@ -64,7 +64,8 @@ def build_train_parser() -> CliParser:
                      help="view augmentations (cribo.pretrain.transforms.AUGMENTATIONS): dino (DINO's pair), texture "
                           "(weak blur), mild (weak blur, class-preserving colour changes), colour (weak blur, hue over the whole "
                           "wheel: the views disagree in colour), grey (mild, each view grey with p 0.5), recolour (mild, each view "
-                          "repainted with p 0.5: luma inverted or not, random gamma, a random colour pair) " + _default("augment"))
+                          "repainted with p 0.5: luma inverted or not, random gamma, a random colour pair), recolour-pair (both "
+                          "views of an image repainted alike, p 0.8) " + _default("augment"))
     net.add_argument("--student-augment", choices=sorted(AUGMENTATIONS),
                      help="asymmetric views: the student sees the teacher's crops with these photometric changes "
                           "(e.g. --augment mild --student-augment colour: the teacher clusters and targets views "

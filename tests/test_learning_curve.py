@@ -210,6 +210,20 @@ def test_views_without_recolouring_draw_exactly_as_before():
     assert torch.rand(1, generator=g).item() == pytest.approx(0.7664756178855896, abs=1e-12)
 
 
+def test_recolour_pair_repaints_both_views_of_an_image_alike():
+    from PIL import Image
+    from cribo.pretrain.transforms import TwoViewTransform
+    first, second = AUGMENTATIONS["recolour-pair"]
+    assert first.recolour_p == second.recolour_p == 0.8 and second.recolour_shared and not first.recolour_shared
+    t = TwoViewTransform(64, (0.25, 0.6), 16, view1_aug=first, view2_aug=second)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    g = torch.Generator().manual_seed(0)
+    pairs = [t.sample(img, generator=g) for _ in range(100)]
+    assert all(v.params1.recolour == v.params2.recolour for v in pairs)
+    assert 0.7 < np.mean([v.params1.recolour is not None for v in pairs]) < 0.9
+    assert len({v.params1.recolour for v in pairs}) > 70  # a new repainting per image
+
+
 def test_recolour_keeps_the_pattern_and_replaces_colours_and_polarity():
     """A two-tone pattern (dark stripes on a light ground) comes out as the pair's two colours, in the
     pattern's places, inverted where drawn; gamma bends mid-greys only."""

@@ -70,6 +70,7 @@ class ViewAugmentation:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
     recolour_p: float = 0.0
+    recolour_shared: bool = False  # second view only: repainted exactly as the first (or not at all)
 
 
 #: DINO's first and second global views.
@@ -97,6 +98,9 @@ VIEW2_AUG = ViewAugmentation(blur_p=0.1, solarize_p=0.2)
 #: may be darker or lighter than the other: the class is the pattern ``t``, up to an affine map of
 #: either sign. Repainting keeps the pattern and takes away the instance's colours and polarity, the
 #: cues that "grey" leaves in (lightness) and that let the objects of two views match without texture.
+#: "recolour-pair": both views of an image repainted with ONE draw, with p = 0.8: the two views agree
+#: (so the joint clustering still finds the same objects in both), while across images, where the
+#: prototypes and the bank's neighbours are shared, an object's colours say nothing of its class.
 _MILD = dict(hue=0.02, grayscale_p=0.05, solarize_p=0.0, blur_sigma=(0.1, 0.6))
 _COLOUR = dict(jitter_p=1.0, hue=0.5, saturation=0.4, grayscale_p=0.2, solarize_p=0.0, blur_sigma=(0.1, 0.6))
 AUGMENTATIONS: dict[str, tuple[ViewAugmentation, ViewAugmentation]] = {
@@ -108,6 +112,8 @@ AUGMENTATIONS: dict[str, tuple[ViewAugmentation, ViewAugmentation]] = {
              ViewAugmentation(blur_p=0.0, **{**_MILD, "grayscale_p": 0.5})),
     "recolour": (ViewAugmentation(blur_p=0.5, recolour_p=0.5, **_MILD),
                  ViewAugmentation(blur_p=0.0, recolour_p=0.5, **_MILD)),
+    "recolour-pair": (ViewAugmentation(blur_p=0.5, recolour_p=0.8, **_MILD),
+                      ViewAugmentation(blur_p=0.0, recolour_p=0.8, recolour_shared=True, **_MILD)),
 }
 
 #: Ranges of a repainting (:class:`Recolour`): gamma log-uniform in [1/GAMMA, GAMMA]; the dark end's
@@ -440,6 +446,8 @@ class TwoViewTransform:
             p = draw_view_params(height, width, self.scale, aug, generator)
             if self.rotate > 0:
                 p = dataclasses.replace(p, angle=_uniform(-self.rotate, self.rotate, generator))
+            if aug.recolour_shared and params:  # the second view repainted as the first
+                p = dataclasses.replace(p, recolour=params[0].recolour)
             geo = apply_geometry(img, p.box, p.flip, self.img_size, p.angle)
             views.append(to_normalized_tensor(apply_photometric(geo, p) if self.photometric else geo))
             coords.append(patch_centres(p.box, p.flip, self.img_size, self.patch_size, p.angle))
