@@ -71,6 +71,10 @@ def build_train_parser() -> CliParser:
                           "(e.g. --augment mild --student-augment colour: the teacher clusters and targets views "
                           "of the true colours, the student must predict them from hue-shifted ones) "
                           "(default: the teacher's views)")
+    net.add_argument("--teacher-targets", choices=["teacher-views", "student-views"],
+                     help="with --student-augment: the views the teacher's targets describe. student-views (not in the "
+                          "paper): the teacher clusters its own views, whose colours agree, and describes the student's "
+                          "views pooled by those clusters " + _default("teacher_targets"))
     net.add_argument("--rotate", type=float, metavar="DEG",
                      help="turn each view's crop window about its centre by an angle drawn in +-DEG degrees, the "
                           "pixels beyond the border mirrored; not in the paper: for data whose objects appear at any "

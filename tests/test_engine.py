@@ -157,6 +157,34 @@ def test_student_views_feed_the_student_and_only_the_student():
         CrIBoTrainer(resolved(), torch.device("cpu")).forward(batch[:3], 0)
 
 
+def test_targets_from_student_views_keep_the_teachers_clusters_and_describe_the_student_views():
+    """--teacher-targets student-views: the clustering (kept objects) is the teacher views'; the targets
+    (global centre) are the student views'; with student views equal to the teacher's, the plain step."""
+    import dataclasses as dc
+    batch, other = random_batch(3), random_batch(3, seed=7)
+
+    def outputs(b, **kw):
+        torch.manual_seed(0)
+        trainer = CrIBoTrainer(resolved(**kw), torch.device("cpu"))
+        trainer.cluster_generator.manual_seed(5)
+        torch.manual_seed(1)
+        out = trainer.forward(b, 0)
+        return {**out, "global_center": trainer.dino_loss.center.clone()}
+
+    kw = dict(augment="mild", student_augment="recolour", teacher_targets="student-views")
+    four = _step_outputs(batch)
+    same = outputs(batch + [batch[0].clone(), batch[1].clone()], **kw)
+    for key in ("loss", "loss_global", "loss_object", "kept_clusters", "global_center"):
+        assert torch.equal(four[key], same[key]), key
+    moved = outputs(batch + other[:2], **kw)
+    plain_asym = _step_outputs(batch + other[:2])
+    assert torch.equal(moved["kept_clusters"], four["kept_clusters"])  # clustered on the teacher's views
+    assert not torch.equal(moved["global_center"], four["global_center"])  # targets from the student's
+    assert moved["loss_object"] != plain_asym["loss_object"]
+    with pytest.raises(ValueError, match="teacher_targets.*--student-augment"):
+        dc.replace(resolved(), teacher_targets="student-views")
+
+
 def test_a_run_with_student_views_trains_and_names_them_in_its_config(tmp_path):
     summary = train(tiny_config(tmp_path, augment="mild", student_augment="colour", max_steps=2, log_every=1))
     assert summary["step"] == 2

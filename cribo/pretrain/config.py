@@ -33,7 +33,10 @@ NON_IDENTITY_FIELDS = frozenset({"stop_at", "log_every", "ckpt_every", "num_work
 
 #: Fields added after runs existed: left out of the identity while at these defaults, so a run
 #: started before the field existed resumes with the code that has it.
-IDENTITY_OMITTED_DEFAULTS = {"student_augment": None, "rotate": 0.0}
+IDENTITY_OMITTED_DEFAULTS = {"student_augment": None, "rotate": 0.0, "teacher_targets": "teacher-views"}
+
+#: Where the teacher's targets come from (``TrainConfig.teacher_targets``).
+TEACHER_TARGETS = ("teacher-views", "student-views")
 
 #: The fields that shape the networks and loss centres: ``--init-from`` needs them equal in both runs.
 INIT_COMPATIBLE_FIELDS = ("arch", "img_size", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "norm_last_layer")
@@ -87,6 +90,11 @@ class TrainConfig:
     # AUGMENTATIONS name); the teacher (clustering, targets, bank) sees ``augment``'s. None: CrIBo's
     # one set of views for both.
     student_augment: str | None = None
+    # With student_augment: which views the teacher's targets (global, objects, bank) come from.
+    # "teacher-views": augment's, where it also clusters (the asymmetric views above). "student-views":
+    # the teacher still clusters augment's views (their colours agree, so it finds the same objects in
+    # both), but describes the student's views, pooled by those clusters (not in the paper).
+    teacher_targets: str = "teacher-views"
     rotate: float = 0.0                 # views' crop windows turned by U(-rotate, rotate) degrees (0: CrIBo's)
     # --- optimisation (DINO) ---------------------------------------------------------------------
     lr: float = 5e-4                    # base lr, scaled by global_batch / 256
@@ -161,6 +169,10 @@ class TrainConfig:
             raise bad("augment", f"choose one of {', '.join(AUGMENTATIONS)}")
         if self.student_augment is not None and self.student_augment not in AUGMENTATIONS:
             raise bad("student_augment", f"choose one of {', '.join(AUGMENTATIONS)}")
+        if self.teacher_targets not in TEACHER_TARGETS:
+            raise bad("teacher_targets", f"choose one of {', '.join(TEACHER_TARGETS)}")
+        if self.teacher_targets == "student-views" and self.student_augment is None:
+            raise bad("teacher_targets", "targets from the student's views need --student-augment NAME")
         if not 0.0 <= self.rotate <= 180.0:
             raise bad("rotate", "need an angle in degrees in [0, 180] (--rotate)")
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:

@@ -282,11 +282,16 @@ class CrIBoTrainer:
         with torch.no_grad():
             with section(timer, "forward"), self.autocast():
                 t_cls, t_patches = self.teacher.encode(views)  # (2, B, D), (2, B, N, D)
+                targets_from_student = c.teacher_targets == "student-views" and bool(student_views)
+                if targets_from_student:  # described from the student's views, clustered on the teacher's
+                    t_cls, t_target_patches = self.teacher.encode(s_views)
                 t_global = self.teacher.global_logits(t_cls)  # (2, B, L)
             with section(timer, "clustering"):
                 assign, valid, t_obj = teacher_objects(t_patches, coords, K, c.lambda_pos, n_outer=c.n_outer,
                                                        n_sinkhorn=c.n_sinkhorn, generator=self.cluster_generator,
                                                        mode=c.clustering)  # (2, B, N), (B, K), (2, B, K, D)
+                if targets_from_student:
+                    t_obj = pool_objects(t_target_patches.float(), assign, K)  # (2, B, K, D)
             with section(timer, "object_proj"), self.autocast():
                 t_obj_logits = self.teacher.object_logits(t_obj)  # (2, B, K, L)
             with section(timer, "nn_bank"):
