@@ -17,7 +17,7 @@ import json
 import sys
 
 from cribo.pretrain.clustering import CLUSTERING_MODES
-from cribo.pretrain.config import BANK_DTYPES, RECIPES, TrainConfig, config_from_recipe
+from cribo.pretrain.config import BANK_DTYPES, RECIPES, TEACHER_TARGETS, TrainConfig, config_from_recipe
 from cribo.pretrain.losses import CI_NORMALISATIONS
 from cribo.pretrain.transforms import AUGMENTATIONS
 from cribo.dirswap import check_output_file
@@ -71,7 +71,7 @@ def build_train_parser() -> CliParser:
                           "(e.g. --augment mild --student-augment colour: the teacher clusters and targets views "
                           "of the true colours, the student must predict them from hue-shifted ones) "
                           "(default: the teacher's views)")
-    net.add_argument("--teacher-targets", choices=["teacher-views", "student-views"],
+    net.add_argument("--teacher-targets", choices=TEACHER_TARGETS,
                      help="with --student-augment: the views the teacher's targets describe. student-views (not in the "
                           "paper): the teacher clusters its own views, whose colours agree, and describes the student's "
                           "views pooled by those clusters " + _default("teacher_targets"))
