@@ -111,19 +111,22 @@ class TeacherObjects(NamedTuple):
 @torch.no_grad()
 def teacher_objects(patches: torch.Tensor, coords: torch.Tensor, K: int, lambda_pos: float, *,
                     n_outer: int = 5, n_sinkhorn: int = 5, generator: torch.Generator | None = None,
-                    mode: str = "paper") -> TeacherObjects:
+                    mode: str = "paper", describe: torch.Tensor | None = None) -> TeacherObjects:
     """Joint-space clustering of both views' patch tokens and the objects it defines (Sec. 3.2.1).
 
     Args:
         patches: (2, B, N, D) teacher patch tokens (``x_norm_patchtokens``) of view 1 and view 2.
         coords: (2, B, N, 2) patch centres in original-image pixels.
+        describe: (2, B, N, D) tokens the objects are pooled from (``--teacher-targets student-views``:
+            the teacher's tokens of the student's views); None: ``patches``, which were clustered.
     """
     N = patches.shape[2]
     joint = joint_space_clustering(patches[0], patches[1], coords[0], coords[1], K, lambda_pos, n_outer=n_outer,
                                    n_sinkhorn=n_sinkhorn, generator=generator, mode=mode)  # (B, 2N)
     a1, a2 = split_views(joint, N)  # (B, N) each
     assign = joint.unflatten(1, (2, N)).transpose(0, 1)  # (2, B, N): the views to the leading axis
-    return TeacherObjects(assign, valid_objects(a1, a2, K), pool_objects(patches.float(), assign, K))
+    pooled = patches if describe is None else describe
+    return TeacherObjects(assign, valid_objects(a1, a2, K), pool_objects(pooled.float(), assign, K))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,16 +285,15 @@ class CrIBoTrainer:
         with torch.no_grad():
             with section(timer, "forward"), self.autocast():
                 t_cls, t_patches = self.teacher.encode(views)  # (2, B, D), (2, B, N, D)
-                targets_from_student = c.teacher_targets == "student-views" and bool(student_views)
-                if targets_from_student:  # described from the student's views, clustered on the teacher's
-                    t_cls, t_target_patches = self.teacher.encode(s_views)
+                t_target_patches = None
+                if c.teacher_targets == "student-views" and student_views:  # clustered on the teacher's views,
+                    t_cls, t_target_patches = self.teacher.encode(s_views)  # described from the student's
                 t_global = self.teacher.global_logits(t_cls)  # (2, B, L)
             with section(timer, "clustering"):
                 assign, valid, t_obj = teacher_objects(t_patches, coords, K, c.lambda_pos, n_outer=c.n_outer,
                                                        n_sinkhorn=c.n_sinkhorn, generator=self.cluster_generator,
-                                                       mode=c.clustering)  # (2, B, N), (B, K), (2, B, K, D)
-                if targets_from_student:
-                    t_obj = pool_objects(t_target_patches.float(), assign, K)  # (2, B, K, D)
+                                                       mode=c.clustering, describe=t_target_patches)
+                # assign (2, B, N), valid (B, K), t_obj (2, B, K, D)
             with section(timer, "object_proj"), self.autocast():
                 t_obj_logits = self.teacher.object_logits(t_obj)  # (2, B, K, L)
             with section(timer, "nn_bank"):
