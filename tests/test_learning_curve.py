@@ -118,6 +118,31 @@ def test_patch_nn_rates_on_a_toy_case():
     assert rates == {"same_class_top1": 0.75, "same_position_top1": 0.75}
 
 
+def _bench_module(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_positive_purity_labels_each_patch_by_the_mask_under_its_centre():
+    purity = _bench_module("positive_purity")
+    mask = np.array([[0, 1, 2], [3, 255, 5]], np.uint8)  # (H=2, W=3), 255 void
+    coords = torch.tensor([[0.5, 0.5], [2.9, 0.2], [1.5, 1.5], [7.0, 9.0], [-3.0, 1.0]])  # (x, y)
+    # out-of-image centres clamp to the border (a rotated view's mirrored margin)
+    assert purity.view_labels(mask, coords).tolist() == [0, 2, -1, 5, 3]
+
+
+def test_positive_purity_object_classes_are_majorities_over_labelled_patches():
+    purity = _bench_module("positive_purity")
+    labels = torch.tensor([[0, 0, 1, -1, 2, 2], [1, 1, 1, 1, -1, -1]])  # (B=2, N=6), -1 void
+    assign = torch.tensor([[0, 0, 0, 0, 1, 1], [2, 2, 2, 0, 1, 1]])  # K = 3
+    cls, pur = purity.object_classes(labels, assign, K=3, num_classes=3)
+    assert cls.tolist() == [[0, 2, -1], [1, -1, 1]]  # cluster 1 of image 1 holds only void patches
+    assert pur.flatten().tolist() == pytest.approx([2 / 3, 1.0, 0.0, 1.0, 0.0, 1.0])
+
+
 def test_handmade_features_go_through_image_features():
     image = np.full((40, 50, 3), 128, np.uint8)  # protocol size 32 x 48
     tokens, grid = image_features(TextureDescriptor(), image, precision="fp32")
