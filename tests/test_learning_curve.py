@@ -210,6 +210,32 @@ def test_grey_views_are_mild_views_grey_half_of_the_time():
     assert 0.42 < np.mean([v.grayscale for v in views]) < 0.58
 
 
+def test_grey_all_teacher_views_are_grey_and_the_students_only_half_of_the_time():
+    """--augment grey-all --student-augment grey: the teacher's two views R = G = B on the same crops
+    as the student's, which are grey about half of the time."""
+    from cribo.pretrain.transforms import TwoViewTransform
+    grey_all, mild = AUGMENTATIONS["grey-all"], AUGMENTATIONS["mild"]
+    for g_aug, m_aug in zip(grey_all, mild):
+        assert dataclasses.replace(g_aug, grayscale_p=m_aug.grayscale_p) == m_aug and g_aug.grayscale_p == 1.0
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    t = TwoViewTransform(32, scale=(0.25, 0.6), patch_size=16, view1_aug=grey_all[0], view2_aug=grey_all[1],
+                         student_augs=AUGMENTATIONS["grey"])
+    g = torch.Generator().manual_seed(0)
+
+    def is_grey(view: torch.Tensor) -> bool:  # normalised (3, S, S) back to [0, 1]
+        rgb = view * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        return bool((rgb - rgb.mean(0, keepdim=True)).abs().max() < 1e-5)
+
+    student_grey = []
+    for _ in range(60):
+        v = t.sample(img, g)
+        assert is_grey(v.view1) and is_grey(v.view2)
+        assert (v.student_params1.box, v.student_params2.box) == (v.params1.box, v.params2.box)
+        student_grey += [is_grey(v.student_view1), is_grey(v.student_view2)]
+    assert 0.35 < np.mean(student_grey) < 0.65
+
+
 def test_recolour_views_are_mild_views_repainted_half_of_the_time():
     from cribo.pretrain.transforms import draw_view_params
     recolour, mild = AUGMENTATIONS["recolour"], AUGMENTATIONS["mild"]

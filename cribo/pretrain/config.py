@@ -85,7 +85,7 @@ class TrainConfig:
     use_cross_image: bool = True        # False: ablation without L_ci^o (Table 5 row 2)
     ci_normalisation: str = "paper"     # L_ci^o: paper (Z1, Z2) | reference (both by Z1): cribo.pretrain.losses
     crop_scale: tuple[float, float] = (0.25, 1.0)
-    augment: str = "dino"               # view augmentations (cribo.pretrain.transforms.AUGMENTATIONS): dino | texture | mild | colour | grey | recolour | recolour-pair
+    augment: str = "dino"               # view augmentations (cribo.pretrain.transforms.AUGMENTATIONS): dino | texture | mild | colour | grey | grey-all | recolour | recolour-pair
     # Asymmetric views: the student sees the teacher's crops with THESE photometric changes (an
     # AUGMENTATIONS name); the teacher (clustering, targets, bank) sees ``augment``'s. None: CrIBo's
     # one set of views for both.

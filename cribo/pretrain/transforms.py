@@ -92,6 +92,10 @@ VIEW2_AUG = ViewAugmentation(blur_p=0.1, solarize_p=0.2)
 #: for the object losses to match.) "grey": "mild" with grayscale on half of the views (p = 0.5 each):
 #: half of the pairs match a grey view to a coloured one and a quarter two grey views, so colour
 #: alone answers for only a quarter of the pairs, while no view's colours are changed.
+#: "grey-all": "mild" with every view grey; meant for the teacher of asymmetric views
+#: (``--augment grey-all --student-augment grey``): the teacher's clustering and targets carry no colour
+#: at all, so no target can be predicted from an instance's colours, while the student (and so the
+#: EMA teacher that is evaluated) still sees coloured views half of the time.
 #: "recolour": "mild", and with p = 0.5 each view is first repainted (:class:`Recolour`): its luma is
 #: inverted with p 0.5, bent by a random gamma and mapped onto a random dark-to-light colour pair.
 #: The generated scenes paint every instance as ``c2 + (c1 - c2) t`` with a random colour pair, which
@@ -110,6 +114,8 @@ AUGMENTATIONS: dict[str, tuple[ViewAugmentation, ViewAugmentation]] = {
     "colour": (ViewAugmentation(blur_p=0.5, **_COLOUR), ViewAugmentation(blur_p=0.0, **_COLOUR)),
     "grey": (ViewAugmentation(blur_p=0.5, **{**_MILD, "grayscale_p": 0.5}),
              ViewAugmentation(blur_p=0.0, **{**_MILD, "grayscale_p": 0.5})),
+    "grey-all": (ViewAugmentation(blur_p=0.5, **{**_MILD, "grayscale_p": 1.0}),
+                 ViewAugmentation(blur_p=0.0, **{**_MILD, "grayscale_p": 1.0})),
     "recolour": (ViewAugmentation(blur_p=0.5, recolour_p=0.5, **_MILD),
                  ViewAugmentation(blur_p=0.0, recolour_p=0.5, **_MILD)),
     "recolour-pair": (ViewAugmentation(blur_p=0.5, recolour_p=0.8, **_MILD),
