@@ -7,7 +7,8 @@
 #
 # Every setting is an environment variable (defaults below). The run resumes: run the same command
 # again after an interruption. Outputs: $OUT/{checkpoint.pth,log.jsonl,config.json,curve.png,
-# backbone.safetensors,backbone.json} and $OUT/table1/ (the Table-1 row, Markdown + JSON).
+# backbone.safetensors,backbone.json} (the base run), $OUT/stages/NAME/ (the same for each continued
+# stage; the last one's backbone.safetensors is the result) and $OUT/table1/ (the Table-1 row, Markdown + JSON).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # bench/ imports the packages without `pip install -e .`
@@ -31,6 +32,11 @@ EVAL_QUERIES=${EVAL_QUERIES:-60}
 SEEDS=${SEEDS:-5}
 RATIOS=${RATIOS:-1,8,64,128}
 EXTRA=${EXTRA:-}                        # more train.py flags, e.g. EXTRA="--no-cross-image"
+# Continued pretraining after the base run, in order: NAME:STEPS:AUGMENT:WARM (WARM: steps with the
+# last layer frozen and without L_ci^o). 160-px views of 25-60 % of the scene; the first stage starts
+# from the base run's export (fresh heads), each next one from the previous stage (networks and heads).
+# "" stops after the base run. The default is the long run of docs/experiments/ (L2, L3, L3G, L4G).
+STAGES=${STAGES-"L2:3000:mild:150 L3:3000:mild:0 L3G:2000:grey:0 L4G:3000:grey:0"}
 
 for split in "train 0 $TRAIN_SCENES" "support 1 $SUPPORT_SCENES" "val 2 $VAL_SCENES"; do
   set -- $split
@@ -52,5 +58,27 @@ done
 
 "$PYTHON" train.py plot --output-dir "$OUT"
 "$PYTHON" train.py export --output-dir "$OUT" --dtype fp16
-"$PYTHON" bench/baselines.py --root "$SCENES" --arch "$ARCH" \
-  --weights "CrIBo=$OUT/backbone.safetensors" --ratios "$RATIOS" --seeds "$SEEDS" --cache-dir "$OUT/.cache" --out "$OUT/table1"
+
+init="$OUT/backbone.safetensors"
+rows=()
+for stage in $STAGES; do
+  IFS=: read -r name steps augment warm <<< "$stage"
+  dir="$OUT/stages/$name"
+  # shellcheck disable=SC2086
+  "$PYTHON" train.py --data "$SCENES/images/train" --preset cpu-tiny --arch "$ARCH" \
+    --device "$DEVICE" --precision "$PRECISION" --img-size 160 --batch-size "$BATCH" --max-steps "$steps" \
+    --out-dim 1024 --lr 2e-3 --warmup-steps 300 --teacher-temp 0.04 --warmup-teacher-temp 0.04 \
+    --teacher-temp-warmup-steps 0 --freeze-last-layer-steps "$warm" --ci-start-step "$warm" \
+    --augment "$augment" --crop-scale 0.25 0.6 --num-workers "$WORKERS" --log-every 10 --ckpt-every 100 \
+    --eval-every "$EVAL_EVERY" --eval-data "$SCENES" --eval-support "$EVAL_SUPPORT" \
+    --eval-queries "$EVAL_QUERIES" --init-from "$init" --output-dir "$dir" $EXTRA
+  "$PYTHON" train.py plot --output-dir "$dir"
+  "$PYTHON" train.py export --output-dir "$dir" --dtype fp16
+  init="$dir"
+  rows=(--weights "CrIBo base run=$OUT/backbone.safetensors")
+done
+
+final="$OUT/backbone.safetensors"
+if [ "$init" != "$final" ]; then final="$init/backbone.safetensors"; fi
+"$PYTHON" bench/baselines.py --root "$SCENES" --arch "$ARCH" "${rows[@]}" \
+  --weights "CrIBo=$final" --ratios "$RATIOS" --seeds "$SEEDS" --cache-dir "$OUT/.cache" --out "$OUT/table1"
