@@ -143,6 +143,25 @@ def test_positive_purity_object_classes_are_majorities_over_labelled_patches():
     assert pur.flatten().tolist() == pytest.approx([2 / 3, 1.0, 0.0, 1.0, 0.0, 1.0])
 
 
+def test_chain_log_tags_stages_and_counts_steps_from_the_first(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("chain_log", Path(__file__).resolve().parents[1] / "scripts" / "chain_log.py")
+    chain_log = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chain_log)
+    first, second = tmp_path / "a.jsonl", tmp_path / "b"
+    second.mkdir()
+    first.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 0, "eval_miou": 5.0}, {"step": 10, "loss": 3.0}, {"step": 20, "loss": 2.0}, {"step": 20, "eval_miou": 6.0},
+        {"step": 30, "loss": 1.0}, {"summary": True}]))
+    (second / "log.jsonl").write_text(json.dumps({"step": 0, "eval_miou": 6.5}) + "\n" + json.dumps({"step": 10, "loss": 4.0}) + "\n")
+    rows, spans = chain_log.chain([f"A={first}:20", f"B={second}"])
+    assert [(r["stage"], r["step"], r["chain_step"]) for r in rows] == [
+        ("A", 0, 0), ("A", 10, 10), ("A", 20, 20), ("A", 20, 20), ("B", 0, 20), ("B", 10, 30)]
+    assert spans == [("A", 0, 20), ("B", 20, 30)]
+    with pytest.raises(SystemExit, match="NAME=RUN_DIR"):
+        chain_log.chain([f"C={tmp_path / 'missing'}"])
+
+
 def test_handmade_features_go_through_image_features():
     image = np.full((40, 50, 3), 128, np.uint8)  # protocol size 32 x 48
     tokens, grid = image_features(TextureDescriptor(), image, precision="fp32")
