@@ -60,7 +60,6 @@ done
 "$PYTHON" train.py export --output-dir "$OUT" --dtype fp16
 
 init="$OUT/backbone.safetensors"
-rows=()
 for stage in $STAGES; do
   IFS=: read -r name steps augment warm <<< "$stage"
   dir="$OUT/stages/$name"
@@ -75,10 +74,13 @@ for stage in $STAGES; do
   "$PYTHON" train.py plot --output-dir "$dir"
   "$PYTHON" train.py export --output-dir "$dir" --dtype fp16
   init="$dir"
-  rows=(--weights "CrIBo base run=$OUT/backbone.safetensors")
 done
 
 final="$OUT/backbone.safetensors"
-if [ "$init" != "$final" ]; then final="$init/backbone.safetensors"; fi
+rows=()
+if [ "$init" != "$final" ]; then  # stages ran: score the last one beside the base run
+  final="$init/backbone.safetensors"
+  rows=(--weights "CrIBo base run=$OUT/backbone.safetensors")
+fi
 "$PYTHON" bench/baselines.py --root "$SCENES" --arch "$ARCH" "${rows[@]}" \
   --weights "CrIBo=$final" --ratios "$RATIOS" --seeds "$SEEDS" --cache-dir "$OUT/.cache" --out "$OUT/table1"
