@@ -63,7 +63,8 @@ def build_train_parser() -> CliParser:
     net.add_argument("--augment", choices=sorted(AUGMENTATIONS),
                      help="view augmentations (cribo.pretrain.transforms.AUGMENTATIONS): dino (DINO's pair), texture "
                           "(weak blur), mild (weak blur, class-preserving colour changes), colour (weak blur, hue over the whole "
-                          "wheel: the views disagree in colour), grey (mild, each view grey with p 0.5), grey-all (mild, every view grey: the teacher's views for --augment grey-all --student-augment grey), recolour (mild, each view "
+                          "wheel: the views disagree in colour), grey (mild, each view grey with p 0.5), grey-all (mild, every view "
+                          "grey: the teacher's views for --augment grey-all --student-augment grey), recolour (mild, each view "
                           "repainted with p 0.5: luma inverted or not, random gamma, a random colour pair), recolour-pair (both "
                           "views of an image repainted alike, p 0.8) " + _default("augment"))
     net.add_argument("--student-augment", choices=sorted(AUGMENTATIONS),

@@ -101,8 +101,7 @@ def measure(backbone, files: list[tuple[Path, Path]], transform: TwoViewTransfor
             bank = ObjectMemoryBank(bank_images, K, patches.shape[-1], dtype=torch.float32)
         cls1, pur1 = object_classes(lab[0], obj.assign[0], K, num_classes)
         cls2, pur2 = object_classes(lab[1], obj.assign[1], K, num_classes)
-        measuring = b >= fill_batches
-        if measuring:
+        if b >= fill_batches:  # the bank is full: measure
             q = bank.query(obj.objects[0], obj.objects[1], obj.valid)
             bank_cls = torch.cat(queue1)[: bank_images].reshape(-1)  # newest-first rows, as idx1 counts them
             v = obj.valid & (cls1 >= 0)
