@@ -160,6 +160,14 @@ def test_chain_log_tags_stages_and_counts_steps_from_the_first(tmp_path):
     assert spans == [("A", 0, 20), ("B", 20, 30)]
     with pytest.raises(SystemExit, match="NAME=RUN_DIR"):
         chain_log.chain([f"C={tmp_path / 'missing'}"])
+    # full-protocol points: a stage name means its last chain step; sorted by step
+    assert chain_log.full_points(["B=7.5", "0=4.8", "A=6.25"], spans) == [(0, 4.8), (20, 6.25), (30, 7.5)]
+    with pytest.raises(SystemExit, match="stage name \\(A, B\\) or a chain step"):
+        chain_log.full_points(["Z=1"], spans)
+    with pytest.raises(SystemExit, match="with a number"):
+        chain_log.full_points(["A=high"], spans)
+    chain_log.plot(rows, spans, str(tmp_path / "c.png"), [(0, 4.8), (30, 7.5)], goal=9.0, images_per_step=32)
+    assert (tmp_path / "c.png").stat().st_size > 0
 
 
 def test_handmade_features_go_through_image_features():
