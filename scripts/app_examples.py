@@ -35,8 +35,9 @@ from index.metrics import confusion_matrix, mean_iou  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = CliParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default=None, help="as app.py (default: builtin)")
-    p.add_argument("--weights", default=None, help="as app.py")
-    p.add_argument("--random-init", action="store_true", help="as app.py")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--weights", default=None, help="as app.py")
+    init.add_argument("--random-init", action="store_true", help="as app.py")
     p.add_argument("--init-seed", type=non_negative_int, default=0, help="seed of --random-init")
     p.add_argument("--index", default=None, help="as app.py (default: the built-in generated scenes)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="as app.py")
@@ -47,10 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--title", default=None, help="line above the sheet (default: the backbone)")
     p.add_argument("--out", type=Path, required=True, help="sheet PNG; the JSON is written beside it")
     a = p.parse_args(argv)
-    if a.backbone is None and a.weights is None:
-        a.backbone = "builtin"
-    if a.random_init and a.weights:
-        p.error("--random-init and --weights exclude each other")
+    a.backbone = a.backbone or (None if a.weights else "builtin")
     return a
 
 
