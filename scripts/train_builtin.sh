@@ -35,8 +35,8 @@ EXTRA=${EXTRA:-}                        # more train.py flags, e.g. EXTRA="--no-
 # Continued pretraining after the base run, in order: NAME:STEPS:AUGMENT:WARM (WARM: steps with the
 # last layer frozen and without L_ci^o). 160-px views of 25-60 % of the scene; the first stage starts
 # from the base run's export (fresh heads), each next one from the previous stage (networks and heads).
-# "" stops after the base run. The default is the long run of docs/experiments/ (L2, L3, L3G, L4G, L5G, L6G, L7G).
-STAGES=${STAGES-"L2:3000:mild:150 L3:3000:mild:0 L3G:2000:grey:0 L4G:3000:grey:0 L5G:3000:grey:0 L6G:3000:grey:0 L7G:3000:grey:0"}
+# "" stops after the base run. The default is the long run of docs/experiments/ (L2, L3, L3G, L4G, L5G, L6G, L7G, L8G, L9G).
+STAGES=${STAGES-"L2:3000:mild:150 L3:3000:mild:0 L3G:2000:grey:0 L4G:3000:grey:0 L5G:3000:grey:0 L6G:3000:grey:0 L7G:3000:grey:0 L8G:3000:grey:0 L9G:3000:grey:0"}
 
 for split in "train 0 $TRAIN_SCENES" "support 1 $SUPPORT_SCENES" "val 2 $VAL_SCENES"; do
   set -- $split
